@@ -1,0 +1,393 @@
+"""Steer a model's residual stream with a per-layer key, through forward hooks.
+
+``rotate`` (the paper's rule) turns the hidden state toward the key and keeps its norm:
+h <- normalize(h/||h|| + alpha * r/||r||) * ||h||. ``add`` adds alpha * r.
+
+Where (per forward call; a call with an empty or no KV cache is a prefill):
+
+- ``last_prompt``: the last real prompt token of each row, during prefill only (the paper);
+  generated tokens feel it through the KV cache;
+- ``prompt``: every real prompt token, during prefill;
+- ``generated``: every token processed after prefill (decoding steps);
+- ``all``: both.
+
+The attention mask and cache are read by a pre-hook on the module that runs the decoder
+blocks, so padding on either side is handled row by row. Hooks are removed on exit, also on
+exceptions; the model is then bit-for-bit what it was.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import ops, reference
+from .artifacts import ModelInfo, expect_shape, read_artifact, save_artifact
+from .capture import last_positions, layer_output
+from .layers import decoder_layers, resolve_layer_indices
+
+__all__ = ["SteeringKey", "SteeringHandle", "steer", "MODES", "POSITIONS"]
+
+MODES = ("rotate", "add")
+POSITIONS = ("last_prompt", "prompt", "generated", "all")
+
+
+@dataclass
+class SteeringKey:
+    """Per-layer steering vectors for one model.
+
+    vectors: [len(layers), hidden_size] float32; row i is applied after decoder layer
+    layers[i]. origin: how the key was made (transfer settings, source model, ...).
+    """
+
+    vectors: torch.Tensor
+    layers: list[int]
+    model: ModelInfo
+    origin: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        want = (len(self.layers), self.model.hidden_size)
+        if self.vectors.dim() != 2 or tuple(self.vectors.shape) != want:
+            raise ValueError(f"vectors must be {list(want)}, got {list(self.vectors.shape)}")
+        bad = [i for i in self.layers if not 0 <= i < self.model.num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} are out of range for {self.model.num_layers} layers")
+
+    def vector(self, layer: int) -> torch.Tensor:
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} is not in this key (layers {self.layers})")
+        return self.vectors[self.layers.index(layer)]
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
+        meta = {"layers": self.layers, "model": self.model.to_dict(), "origin": self.origin}
+        save_artifact(path, "steering_key", {"vectors": self.vectors}, meta)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        model: nn.Module | None = None,
+        *,
+        layer_path: str | None = None,
+        check_fingerprint: bool = True,
+    ) -> SteeringKey:
+        """Load a key; with ``model``, refuse it unless it was made for that model."""
+        _, tensors, meta = read_artifact(path, "steering_key")
+        info = ModelInfo.from_dict(meta["model"])
+        layers = [int(i) for i in meta["layers"]]
+        expect_shape("vectors", tensors["vectors"], (len(layers), info.hidden_size))
+        key = cls(tensors["vectors"].float(), layers, info, dict(meta.get("origin") or {}))
+        if model is not None:
+            info.check(
+                model,
+                what="this steering key",
+                layer_path=layer_path,
+                check_fingerprint=check_fingerprint,
+            )
+        return key
+
+
+def _normalise_key(
+    key: Any, model: nn.Module, num_layers: int, layer_path: str | None, check_fingerprint: bool
+) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+    """Return (vectors [L_sel, d] or [B, L_sel, d], layers, row_on [B] bool or None)."""
+    from .direction import Direction
+
+    d_model = ModelInfo.of(model, layer_path).hidden_size
+    if isinstance(key, Direction):
+        key = key.as_key()
+    if isinstance(key, SteeringKey):
+        key.model.check(
+            model,
+            what="this steering key",
+            layer_path=layer_path,
+            check_fingerprint=check_fingerprint,
+        )
+        return key.vectors.float(), list(key.layers), None
+    if isinstance(key, torch.Tensor):
+        if key.dim() not in (2, 3) or key.shape[-2:] != (num_layers, d_model):
+            raise ValueError(
+                f"a tensor key must be [{num_layers}, {d_model}] or [B, {num_layers}, "
+                f"{d_model}] for this model, got {list(key.shape)}"
+            )
+        if not torch.is_floating_point(key):
+            raise TypeError(f"a tensor key must be floating point, got {key.dtype}")
+        return key.detach().float(), list(range(num_layers)), None
+    if isinstance(key, (list, tuple)):
+        if not key:
+            raise ValueError("a list of keys must not be empty")
+        real = [k for k in key if k is not None]
+        if not real:
+            raise ValueError("a list of keys needs at least one SteeringKey (None skips a row)")
+        for i, k in enumerate(key):
+            if k is not None and not isinstance(k, (SteeringKey, Direction)):
+                raise TypeError(f"key[{i}] must be a SteeringKey or None, got {type(k).__name__}")
+        real = [k.as_key() if isinstance(k, Direction) else k for k in real]
+        layers = list(real[0].layers)
+        for k in real:
+            k.model.check(
+                model,
+                what="this steering key",
+                layer_path=layer_path,
+                check_fingerprint=check_fingerprint,
+            )
+            if list(k.layers) != layers:
+                raise ValueError(
+                    f"all keys of a batch must cover the same layers, got {layers} and "
+                    f"{list(k.layers)}"
+                )
+        zero = torch.zeros(len(layers), d_model)
+        it = iter(real)
+        rows = [zero if k is None else next(it).vectors.float() for k in key]
+        on = torch.tensor([k is not None for k in key])
+        return torch.stack(rows), layers, on
+    raise TypeError(
+        "key must be a SteeringKey, a Direction, a list of SteeringKeys (one per row), or a "
+        f"tensor [L, d] / [B, L, d]; got {type(key).__name__}"
+    )
+
+
+def _stack_owner(model: nn.Module, blocks: nn.Module) -> nn.Module:
+    """The module whose forward runs ``blocks`` (the parent of the block list)."""
+    for name, mod in model.named_modules():
+        if mod is blocks:
+            parent = name.rpartition(".")[0]
+            return model.get_submodule(parent) if parent else model
+    return model
+
+
+def _cache_length(pkv: Any) -> int:
+    if pkv is None:
+        return 0
+    get = getattr(pkv, "get_seq_length", None)
+    if callable(get):
+        return int(get())
+    if isinstance(pkv, (tuple, list)):  # legacy ((k, v), ...) layout
+        if not pkv or pkv[0] is None:
+            return 0
+        first = pkv[0][0] if isinstance(pkv[0], (tuple, list)) else pkv[0]
+        return int(first.shape[-2]) if isinstance(first, torch.Tensor) else 0
+    return 0
+
+
+@dataclass
+class _Call:
+    """What the current forward call steers, computed once by the pre-hook."""
+
+    positions: torch.Tensor | None  # [B] long, -1 = leave the row alone
+    mask: torch.Tensor | None  # [B, S] bool
+    batch: int
+    per_device: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = field(
+        default_factory=dict
+    )
+
+
+class SteeringHandle:
+    """Installed steering hooks. Use as a context manager or call :meth:`remove`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        vectors: torch.Tensor,
+        layers: list[int],
+        row_on: torch.Tensor | None,
+        alpha: float,
+        mode: str,
+        positions: str,
+        layer_path: str | None,
+    ) -> None:
+        self.model = model
+        self.alpha = float(alpha)
+        self.mode = mode
+        self.positions = positions
+        self.layers = layers
+        self._vectors = vectors  # [L_sel, d] or [B, L_sel, d], fp32
+        self._row_on = row_on
+        self._call: _Call | None = None
+        self._vec_cache: dict[tuple[int, torch.device, int], torch.Tensor] = {}
+        blocks = decoder_layers(model, layer_path)
+        owner = _stack_owner(model, blocks)
+        try:
+            self._sig: inspect.Signature | None = inspect.signature(owner.forward)
+        except (TypeError, ValueError):
+            self._sig = None
+        self._hooks: list[Any] = []
+        try:
+            self._hooks.append(owner.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self._hooks.append(owner.register_forward_hook(self._post_hook, always_call=True))
+            for i, layer in enumerate(layers):
+                self._hooks.append(blocks[layer].register_forward_hook(self._layer_hook(i)))
+        except BaseException:
+            self.remove()
+            raise
+
+    # -- context manager ---------------------------------------------------------------
+    def __enter__(self) -> SteeringHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._hooks)
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._call = None
+        self._vec_cache.clear()
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if not args:
+            return kwargs
+        if self._sig is not None:
+            try:
+                return dict(self._sig.bind_partial(*args, **kwargs).arguments)
+            except TypeError:
+                pass
+        return dict(kwargs)
+
+    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        a = self._arguments(args, kwargs)
+        x = a.get("input_ids")
+        if x is None:
+            x = a.get("inputs_embeds")
+        if not isinstance(x, torch.Tensor):
+            self._call = None
+            return
+        b, s = int(x.shape[0]), int(x.shape[1])
+        past = _cache_length(a.get("past_key_values"))
+        am = a.get("attention_mask")
+        if isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[0] == b:
+            real = am[:, -s:].ne(0)
+        else:
+            real = torch.ones(b, s, dtype=torch.bool, device=x.device)
+        prefill = past == 0
+        want_prefill = self.positions in ("last_prompt", "prompt", "all")
+        want_decode = self.positions in ("generated", "all")
+        on = self._rows_on(b, real.device)
+        if prefill and self.positions == "last_prompt":
+            pos = last_positions(real)
+            if on is not None:
+                pos = torch.where(on, pos, torch.full_like(pos, -1))
+            self._call = _Call(positions=pos, mask=None, batch=b)
+        elif (prefill and want_prefill) or (not prefill and want_decode):
+            mask = real if on is None else real & on[:, None]
+            self._call = _Call(positions=None, mask=mask, batch=b)
+        else:
+            self._call = None
+
+    def _post_hook(self, *_: Any) -> None:
+        self._call = None
+
+    def _rows_on(self, b: int, device: torch.device) -> torch.Tensor | None:
+        if self._row_on is None:
+            return None
+        return self._expand(self._row_on, b).to(device)
+
+    def _expand(self, rows: torch.Tensor, b: int) -> torch.Tensor:
+        kb = rows.shape[0]
+        if b == kb:
+            return rows
+        if b % kb == 0:  # generate repeats each row (num_return_sequences, beams)
+            return rows.repeat_interleave(b // kb, dim=0)
+        raise ValueError(
+            f"the key has {kb} per-row vector sets but the batch has {b} rows; give one "
+            "SteeringKey per row (or a multiple of the rows, as generate expands them)"
+        )
+
+    def _vector(self, i: int, device: torch.device, b: int) -> torch.Tensor:
+        k = (i, device, b)
+        v = self._vec_cache.get(k)
+        if v is None:
+            if self._vectors.dim() == 2:
+                v = self._vectors[i]
+            else:
+                v = self._expand(self._vectors[:, i], b)
+            v = self._vec_cache[k] = v.to(device=device, dtype=torch.float32).contiguous()
+        return v
+
+    def _layer_hook(self, i: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            call = self._call
+            if call is None:
+                return None
+            h = layer_output(output)
+            sel = call.per_device.get(h.device)
+            if sel is None:
+                sel = call.per_device[h.device] = (
+                    None if call.positions is None else call.positions.to(h.device),
+                    None if call.mask is None else call.mask.to(h.device),
+                )
+            vec = self._vector(i, h.device, h.shape[0])
+            if torch.is_grad_enabled() and h.requires_grad:  # differentiable path
+                new = reference.steer_reference(
+                    h, vec, self.alpha, positions=sel[0], mask=sel[1], mode=self.mode
+                )
+                return _replace(output, new)
+            target = h if h.is_contiguous() else h.contiguous()
+            ops.steer_(target, vec, self.alpha, positions=sel[0], mask=sel[1], mode=self.mode)
+            return None if target is h else _replace(output, target)
+
+        return hook
+
+
+def _replace(output: Any, h: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return h
+    return type(output)((h, *output[1:])) if isinstance(output, tuple) else [h, *output[1:]]
+
+
+def steer(
+    model: nn.Module,
+    key: Any,
+    alpha: float = 0.1,
+    mode: str = "rotate",
+    positions: str = "last_prompt",
+    layers: Sequence[int] | None = None,
+    *,
+    layer_path: str | None = None,
+    check_fingerprint: bool = True,
+) -> SteeringHandle:
+    """Install steering hooks on ``model``; use ``with steer(...):`` or ``handle.remove()``.
+
+    key: a SteeringKey (or a Direction, applied to its own model); a list with one
+    SteeringKey per batch row (None leaves a row alone); or a tensor [L, d] / [B, L, d]
+    over all L decoder layers. ``layers`` restricts steering to some of the key's layers.
+    Inputs are checked before any hook is installed, so a bad call leaves the model as it
+    was.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite float, got {alpha!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    num_layers = len(decoder_layers(model, layer_path))
+    vectors, key_layers, row_on = _normalise_key(
+        key, model, num_layers, layer_path, check_fingerprint
+    )
+    if layers is not None:
+        chosen = resolve_layer_indices(num_layers, layers)
+        missing = [i for i in chosen if i not in key_layers]
+        if missing:
+            raise ValueError(f"layers {missing} are not in the key (it covers {key_layers})")
+        idx = [key_layers.index(i) for i in chosen]
+        vectors = vectors[..., idx, :]
+        key_layers = chosen
+    return SteeringHandle(
+        model, vectors, key_layers, row_on, float(alpha), mode, positions, layer_path
+    )
