@@ -227,3 +227,20 @@ def test_bad_arguments_raise_and_leave_model_unhooked():
         with steer(model, [key, key]), torch.no_grad():
             model(**inputs)
     assert hooks_left(model) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype):
+    tok = word_tokenizer("left")
+    model = make_model("qwen2", len(tok)).to(dtype)
+    key = random_key(model)
+    inputs = batch(tok, PROMPTS[:3])
+    before, _ = layer_out(model, 2, **inputs)
+    with steer(model, key, alpha=0.3, layers=[2]):
+        after, _ = layer_out(model, 2, **inputs)
+    pos = last_positions(inputs["attention_mask"])
+    want = steer_reference(before, key.vector(2), 0.3, positions=pos)
+    assert after.dtype == dtype
+    torch.testing.assert_close(after, want, atol=2e-2, rtol=2e-2)
+    changed = (after != before).any(-1)
+    assert changed.sum() == 3 and changed[torch.arange(3), pos].all()

@@ -14,6 +14,7 @@ from .alignment import (  # noqa: E402
 )
 from .artifacts import ModelInfo, load_artifact  # noqa: E402
 from .direction import Direction, extract_direction  # noqa: E402
+from .ops import backends  # noqa: E402
 from .steering import SteeringHandle, SteeringKey, steer  # noqa: E402
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "ModelInfo",
     "SteeringHandle",
     "SteeringKey",
+    "backends",
     "collect_alignment_stats",
     "extract_direction",
     "fit_alignment",

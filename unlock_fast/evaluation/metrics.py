@@ -102,8 +102,10 @@ class PairedComparison:
     @property
     def verdict(self) -> str:
         pts = f"{100 * self.diff:+.1f} pts [{100 * self.low:+.1f}, {100 * self.high:+.1f}]"
-        detail = f"{pts}, p={self.p_value:.2g}; {self.only_b} items only {self.b} got right, " \
+        detail = (
+            f"{pts}, p={self.p_value:.2g}; {self.only_b} items only {self.b} got right, "
             f"{self.only_a} only {self.a}"
+        )
         if self.n == 0:
             return "no items to compare"
         if not self.significant:

@@ -177,12 +177,16 @@ def _kinds_for(steps: Sequence[int] | None, kinds: Sequence[str] | None) -> list
     if kinds is not None:
         bad = [k for k in kinds if k not in PROBLEM_KINDS]
         if bad or not kinds:
-            raise ValueError(f"kinds must be a non-empty subset of {sorted(PROBLEM_KINDS)}, got {list(kinds)}")
+            raise ValueError(
+                f"kinds must be a non-empty subset of {sorted(PROBLEM_KINDS)}, got {list(kinds)}"
+            )
         return list(kinds)
     steps = (1, 2) if steps is None else steps
     bad_steps = [s for s in steps if s not in _BY_STEPS]
     if bad_steps or not steps:
-        raise ValueError(f"steps must be a non-empty subset of {sorted(_BY_STEPS)}, got {list(steps)}")
+        raise ValueError(
+            f"steps must be a non-empty subset of {sorted(_BY_STEPS)}, got {list(steps)}"
+        )
     return [k for s in sorted(set(steps)) for k in _BY_STEPS[s]]
 
 
