@@ -33,7 +33,9 @@ PY
 }
 if ! have_cuda_libs; then
   if [ "$cuda_major" -ge 13 ]; then
-    wheels=("nvidia-cublas>=${cuda_major},<$((cuda_major + 1))" "nvidia-cusolver")
+    # cuSOLVER's major version is one below the CUDA release it ships with (12.x for CUDA 13)
+    wheels=("nvidia-cublas>=${cuda_major},<$((cuda_major + 1))"
+      "nvidia-cusolver>=$((cuda_major - 1)),<${cuda_major}")
   else
     wheels=("nvidia-cublas-cu${cuda_major}" "nvidia-cusolver-cu${cuda_major}")
   fi

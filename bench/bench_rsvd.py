@@ -78,6 +78,11 @@ def run_eigh(gram: torch.Tensor, k: int) -> Result:
     return values.flip(0)[:k], vectors.flip(1)[:, :k]
 
 
+def dense_path(d: int, k: int, p: int, q: int, device: str) -> bool:
+    """Whether eigh_topk takes its dense path for these arguments."""
+    return ops._core_module().rsvd_plan(True, d, d, k, p, q, 0, device == "cuda")[1]
+
+
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -131,8 +136,11 @@ def main() -> None:
                 sweep.append({"method": method, "oversample": p, "iters": q, "eig_error": err})
                 if err <= target:
                     name = f"{method} p={p} iters={q}"
-                    chosen[name] = lambda r=runner, p=p, q=q: r(gram, k, p, q)
                     cost = f"{products(q)} products of width {k + p}"
+                    if method == "eigh_topk" and dense_path(d, k, p, q, device):
+                        name += " (dense)"
+                        cost = "dense path"
+                    chosen[name] = lambda r=runner, p=p, q=q: r(gram, k, p, q)
                     print(f"  {name:32s} error {err:.1e}  ({cost})")
                     break
             else:

@@ -8,14 +8,7 @@ import torch
 
 from unlock_fast import ops, reference
 
-CUDA = pytest.param(
-    "cuda",
-    marks=[
-        pytest.mark.cuda,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    ],
-)
-DEVICES = ["cpu", CUDA]
+# Tests that take `device` run once per available device (python_tests/conftest.py).
 DTYPES = [torch.float32, torch.float64]
 # Loose error bounds relative to the largest eigen/singular value, per dtype (the
 # rounding-level checks use c·eps instead).
@@ -123,7 +116,6 @@ def gap_tolerance(lam: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor
     return 50 * eps * lam.abs().max() / gaps
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["fast_decay", "clustered", "rank_deficient", "outlier"])
 @pytest.mark.parametrize("d", [257, 40])  # randomized path, dense path
@@ -181,7 +173,6 @@ def test_eigh_full_width_sketch(dtype):
     assert_orthonormal(vectors, 50 * TOL[dtype])
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_eigh_size_one(device, dtype):
     a = torch.tensor([[-2.5]], dtype=dtype, device=device)
@@ -201,7 +192,6 @@ def test_eigh_small_odd_sizes(d):
         torch.testing.assert_close(vectors, ref_vectors, atol=1e-10 * d, rtol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_eigh_deterministic(device, dtype):
     d, k = 200, 12
@@ -288,7 +278,6 @@ def test_eigh_invalid_inputs():
 # -- svd_topk --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(151, 90), (90, 151), (33, 21), (21, 33)])
 def test_svd_known_spectrum(device, dtype, shape):

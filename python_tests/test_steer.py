@@ -214,6 +214,8 @@ def test_invalid_inputs_leave_hidden_unchanged():
         ops.steer_(h.reshape(10, 8), vec, 0.2, positions=pos)
     with pytest.raises(ValueError, match="last dimension must be contiguous"):
         ops.steer_(h.transpose(1, 2).contiguous().transpose(1, 2), vec, 0.2, positions=pos)
+    with pytest.raises(ValueError, match="unsupported device meta"):
+        ops.steer_(h.to("meta"), vec.to("meta"), 0.2, positions=pos.to("meta"))
     with pytest.raises(ValueError, match="vector is on meta, but hidden is on cpu"):
         ops.steer_(h, vec.to("meta"), 0.2, positions=pos)
     with pytest.raises(ValueError, match="hidden requires grad"):
@@ -230,3 +232,24 @@ def test_requires_grad_is_fine_without_grad_mode():
     with torch.no_grad():
         ops.steer_(h, torch.randn(8), 0.2, positions=torch.tensor([1]))
     assert h.requires_grad
+
+
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+def test_non_finite_values_follow_the_reference(device, dtype):
+    h = make_hidden(2, 2, 40, dtype, seed=12)
+    h[0, 1, 5] = float("nan")
+    h[1, 0, 7] = float("inf")
+    vec = torch.randn(40)
+    for mode in ("rotate", "add"):
+        for pos in ([1, 0], [0, 1]):
+            p = torch.tensor(pos)
+            ref = reference.steer_reference(h, vec, 0.3, positions=p, mode=mode)
+            out = h.clone().to(device)
+            ops.steer_(out, vec.to(device), 0.3, positions=p.to(device), mode=mode)
+            out = out.cpu()
+            assert torch.equal(out.isnan(), ref.isnan()), (mode, pos)
+            assert torch.equal(out.isinf(), ref.isinf()), (mode, pos)
+            finite = ref.isfinite()
+            torch.testing.assert_close(
+                out[finite].float(), ref[finite].float(), atol=1e-2, rtol=1e-2
+            )

@@ -40,7 +40,9 @@ def _int_list(text: str) -> list[int]:
     try:
         out = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not out:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return out
@@ -50,7 +52,9 @@ def _float_list(text: str) -> list[float]:
     try:
         out = [float(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
     if not out:
         raise argparse.ArgumentTypeError("expected at least one number")
     return out
@@ -117,7 +121,9 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", default=None,
                    help="where converted GGUF weights are kept (default: ~/.cache/unlock-fast "
                         "or $UNLOCK_FAST_CACHE)")  # fmt: skip
-    g.add_argument("--seed", type=int, default=0, help="seed for problems and controls (default: 0)")
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed for problems and controls (default: 0)"
+    )
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
@@ -241,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_model(p, "source", "source", "-s")
     _add_model(p, "target", "target", "-t")
-    p.add_argument("--method", choices=("mean", "pca"), default="mean", help="direction aggregation")
+    p.add_argument(
+        "--method", choices=("mean", "pca"), default="mean", help="direction aggregation"
+    )
     _add_align_options(p)
     p.add_argument("-o", "--out", required=True, help="folder for the artifacts")
     _add_data(p, 64, "problems for the direction and the alignment (N)")
@@ -281,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default=None, help="a transferred key folder (from transfer)")
     p.add_argument("--source", "-s", default=None, metavar="MODEL",
                    help="grid search: the Source model")  # fmt: skip
-    p.add_argument("--source-gguf-file", default=None, metavar="FILE", help="GGUF file for --source")
+    p.add_argument(
+        "--source-gguf-file", default=None, metavar="FILE", help="GGUF file for --source"
+    )
     p.add_argument("--source-chat", type=_chat, default="auto", help="chat template for the Source")
     p.add_argument("--ranks", type=_int_list, default=[16, 64], help="grid: ranks")
     p.add_argument("--alphas", type=_float_list, default=[0.05, 0.1, 0.2, 0.5], help="grid: alphas")
@@ -380,7 +390,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
         ns = argparse.Namespace(**{**vars(args), "unlocked": args.unlocked_model})
         umodel, utok = _load(ns, "unlocked")
         kwargs.update(unlocked_model=umodel, unlocked_tokenizer=utok)
-        unlocked = format_prompts(q, "direct", tokenizer=utok, chat=_chat_for(utok, args.model_chat))
+        unlocked = format_prompts(
+            q, "direct", tokenizer=utok, chat=_chat_for(utok, args.model_chat)
+        )
     else:
         unlocked = format_prompts(q, "cot", tokenizer=tok, chat=chat)
     direction = extract_direction(
@@ -478,7 +490,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tok = _load(args, "model")
     key = _load_key(args.key, model) if args.key else None
     if args.template != "none":
-        prompts = format_prompts(prompts, args.template, tokenizer=tok, chat=_chat_for(tok, args.model_chat))
+        prompts = format_prompts(
+            prompts, args.template, tokenizer=tok, chat=_chat_for(tok, args.model_chat)
+        )
     kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stop_strings=None)
     steered = generate(model, tok, prompts, key=key, alpha=args.alpha, mode=args.mode,
                        positions=args.positions, **kw)  # fmt: skip
@@ -499,9 +513,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     conditions = [c for c in args.conditions.replace(" ", "").split(",") if c]
     bad = [c for c in conditions if c not in CONDITIONS]
     if bad or not conditions:
-        raise UsageError(f"--conditions must be a subset of {','.join(CONDITIONS)}, got {args.conditions}")
+        raise UsageError(
+            f"--conditions must be a subset of {','.join(CONDITIONS)}, got {args.conditions}"
+        )
     if (args.key is None) == (args.source is None):
-        raise UsageError("give --key (evaluate a key) or --source (grid search), not both or neither")
+        raise UsageError(
+            "give --key (evaluate a key) or --source (grid search), not both or neither"
+        )
     out = Path(args.out)
     tmodel, ttok = _load(args, "target")
     tchat = _chat_for(ttok, args.target_chat)

@@ -29,13 +29,16 @@ constexpr int64_t kParallelMin = int64_t{1} << 20;
 constexpr int64_t kParallelPairs = int64_t{1} << 14;
 // GEMMs below this many multiply-adds run on one OpenBLAS thread.
 constexpr double kParallelGemm = double(int64_t{1} << 27);
+// Dense decompositions of fewer elements than this (2048²) run on one OpenBLAS thread.
+constexpr int64_t kParallelDense = int64_t{1} << 22;
 
 // OpenBLAS thread count for one call. The O(d l²) LAPACK steps on tall-skinny panels
-// (getrf, geqrf/orgqr, the small syevd) are made of many short parallel regions: on a few
-// cores they gain little from threads and lose badly when the cores are shared (tens of
-// times slower on a loaded 2-core machine). They run on one thread; the O(d² l) products
-// with the full matrix use the caller's setting. The count is process-wide, so calls hold
-// a lock and restore the setting at the end.
+// (getrf, geqrf/orgqr, the small syevd) and dense decompositions of small matrices are
+// made of many short parallel regions: on a few cores they gain little from threads and
+// lose badly when the cores are shared (tens to hundreds of times slower on a loaded
+// 2-core machine). They run on one thread; the O(d² l) products with the full matrix and
+// large dense decompositions use the caller's setting. The count is process-wide, so calls
+// hold a lock and restore the setting at the end.
 class BlasThreads {
  public:
   BlasThreads() : lock_(mutex()), threads_(openblas_get_num_threads()), current_(threads_) {}
@@ -221,7 +224,11 @@ class CpuOps {
   }
 
   RsvdEigTop<T> eig_top(T* a, int64_t d, int64_t k, T* w, T* z, T* work, int* iwork) {
-    parallel();
+    if (d * d >= kParallelDense) {
+      parallel();
+    } else {
+      serial();
+    }
     lint found = 0;
     int* isuppz = iwork + (liwork_ - 2 * k);
     check_info(syevr_t(to_lint(d), a, to_lint(d - k + 1), to_lint(d), &found, w, z, isuppz, work,
@@ -232,9 +239,8 @@ class CpuOps {
     return {w, z, d};
   }
 
-  // The dense paths (eig_top, and svd of a full matrix) keep the caller's threads.
   void svd(T* a, int64_t m, int64_t n, T* s, T* u, T* vt, T* work, int* iwork) {
-    if (m * n >= kParallelMin) {
+    if (m * n >= kParallelDense) {
       parallel();
     } else {
       serial();

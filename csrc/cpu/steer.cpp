@@ -4,6 +4,7 @@
 // with GCC on x86-64, for AVX2/FMA/F16C, chosen at run time.
 #include "unlock/steer.h"
 
+#include <cmath>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -22,18 +23,38 @@ namespace {
 // own OpenMP pool holds the cores, which costs far more than the row work.
 constexpr int64_t kParallelWork = int64_t{1} << 20;
 
-// Portable row conversion: element by element through the dtype's scalar conversions.
+// Portable row loops: element by element through the dtype's scalar conversions (the
+// compiler vectorises them where it can).
 template <class Tag>
 struct ScalarRowIO {
   using T = typename Tag::storage;
-  static void load(const T* __restrict__ h, float* __restrict__ buf, int64_t d) {
-#pragma omp simd
-    for (int64_t j = 0; j < d; ++j) buf[j] = Tag::load(h[j]);
+  static void dots(const T* __restrict__ h, const float* __restrict__ r, int64_t d, float* out) {
+    float hh = 0.f, hr = 0.f, rr = 0.f;
+#pragma omp simd reduction(+ : hh, hr, rr)
+    for (int64_t j = 0; j < d; ++j) {
+      const float v = Tag::load(h[j]);
+      hh += v * v;
+      hr += v * r[j];
+      rr += r[j] * r[j];
+    }
+    out[0] = hh;
+    out[1] = hr;
+    out[2] = rr;
   }
-  static void store(T* h, const float* src, const float* __restrict__ r, int64_t d,
-                    SteerCombine k) {
-    // src is either a separate buffer or h itself (fp32), read before written per element
-    for (int64_t j = 0; j < d; ++j) h[j] = Tag::store(steer_apply(src[j], r[j], k));
+  static float uu(const T* __restrict__ h, const float* __restrict__ r, int64_t d,
+                  RotateCoefs c) {
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < d; ++j) {
+      const float u = steer_rotate_dir(Tag::load(h[j]), r[j], c);
+      acc += u * u;
+    }
+    return acc;
+  }
+  static void apply(T* __restrict__ h, const float* __restrict__ r, int64_t d, SteerCombine k,
+                    bool /*finite*/) {
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) h[j] = Tag::store(steer_apply(Tag::load(h[j]), r[j], k));
   }
 };
 
@@ -56,20 +77,30 @@ inline __m256 load8(const uint16_t* p, BF16) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
-inline void store8(uint16_t* p, __m256 v, F16) {
+inline void store8(uint16_t* p, __m256 v, F16, bool) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                    _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-inline void store8(uint16_t* p, __m256 v, BF16) {
+// Round to nearest even; NaNs stay (quiet) NaNs unless the caller vouches that none occur.
+inline void store8(uint16_t* p, __m256 v, BF16, bool finite) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i rounded =
+  __m256i bits =
       _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  const __m256i bits = _mm256_blendv_epi8(rounded, quiet, nan);
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xd8);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  if (!finite) {
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    bits = _mm256_blendv_epi8(bits, quiet, nan);
+  }
+  const __m128i packed =
+      _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
 template <class Tag>
@@ -77,21 +108,48 @@ struct RowIO : ScalarRowIO<Tag> {};
 
 template <class Tag>
 struct RowIO16 {
-  static void load(const uint16_t* __restrict__ h, float* __restrict__ buf, int64_t d) {
-    int64_t j = 0;
-    for (; j + 8 <= d; j += 8) _mm256_storeu_ps(buf + j, load8(h + j, Tag{}));
-    for (; j < d; ++j) buf[j] = Tag::load(h[j]);
-  }
-  static void store(uint16_t* __restrict__ h, const float* __restrict__ src,
-                    const float* __restrict__ r, int64_t d, SteerCombine k) {
-    const __m256 ch = _mm256_set1_ps(k.ch), cr = _mm256_set1_ps(k.cr);
+  static void dots(const uint16_t* __restrict__ h, const float* __restrict__ r, int64_t d,
+                   float* out) {
+    __m256 hh = _mm256_setzero_ps(), hr = _mm256_setzero_ps(), rr = _mm256_setzero_ps();
     int64_t j = 0;
     for (; j + 8 <= d; j += 8) {
-      const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(src + j), ch),
-                                     _mm256_mul_ps(cr, _mm256_loadu_ps(r + j)));
-      store8(h + j, v, Tag{});
+      const __m256 v = load8(h + j, Tag{}), w = _mm256_loadu_ps(r + j);
+      hh = _mm256_fmadd_ps(v, v, hh);
+      hr = _mm256_fmadd_ps(v, w, hr);
+      rr = _mm256_fmadd_ps(w, w, rr);
     }
-    for (; j < d; ++j) h[j] = Tag::store(steer_apply(src[j], r[j], k));
+    float shh = hsum(hh), shr = hsum(hr), srr = hsum(rr);
+    for (; j < d; ++j) {
+      const float v = Tag::load(h[j]);
+      shh += v * v;
+      shr += v * r[j];
+      srr += r[j] * r[j];
+    }
+    out[0] = shh;
+    out[1] = shr;
+    out[2] = srr;
+  }
+  static float uu(const uint16_t* h, const float* r, int64_t d, RotateCoefs c) {
+    return ScalarRowIO<Tag>::uu(h, r, d, c);
+  }
+  static void apply(uint16_t* __restrict__ h, const float* __restrict__ r, int64_t d,
+                    SteerCombine k, bool finite) {
+    const __m256 ch = _mm256_set1_ps(k.ch), cr = _mm256_set1_ps(k.cr);
+    int64_t j = 0;
+    if (finite) {
+      for (; j + 8 <= d; j += 8) {
+        const __m256 v = _mm256_fmadd_ps(cr, _mm256_loadu_ps(r + j),
+                                         _mm256_mul_ps(load8(h + j, Tag{}), ch));
+        store8(h + j, v, Tag{}, true);
+      }
+    } else {
+      for (; j + 8 <= d; j += 8) {
+        const __m256 v = _mm256_fmadd_ps(cr, _mm256_loadu_ps(r + j),
+                                         _mm256_mul_ps(load8(h + j, Tag{}), ch));
+        store8(h + j, v, Tag{}, false);
+      }
+    }
+    for (; j < d; ++j) h[j] = Tag::store(steer_apply(Tag::load(h[j]), r[j], k));
   }
 };
 template <>

@@ -76,7 +76,7 @@ void moments_accumulate_cuda(const MomentsArgs& a, int device, float* workspace,
   UNLOCK_CHECK_ARG(workspace && chunk * (dx + dy + 1) <= workspace_floats,
                    "moments: workspace too small, need at least " +
                        std::to_string(dx + dy + 1) + " floats");
-  UNLOCK_CUDA_CHECK(cudaSetDevice(device));
+  cuda::DeviceGuard guard(device);
   cudaStream_t stream = cuda::as_stream(stream_handle);
   cublasHandle_t h = cuda::cublas_handle(stream);
 

@@ -17,24 +17,6 @@ unsigned grid_for(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 20)));
 }
 
-// Makes `device` current for the scope of a call and restores the caller's device.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    UNLOCK_CUDA_CHECK(cudaGetDevice(&prev_));
-    if (prev_ != device) UNLOCK_CUDA_CHECK(cudaSetDevice(device));
-    device_ = device;
-  }
-  ~DeviceGuard() {
-    if (prev_ != device_) cudaSetDevice(prev_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0, device_ = 0;
-};
-
 // ---- kernels (grid-stride) ---------------------------------------------------------------------
 
 template <class T>
@@ -272,9 +254,10 @@ class CudaOps {
 
   void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
             const T* b, int64_t ldb, T* c, int64_t ldc) {
-    UNLOCK_CUBLAS_CHECK(gemm_t(blas_, ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb ? CUBLAS_OP_T : CUBLAS_OP_N,
-                               to_int(m), to_int(n), to_int(k), a, to_int(lda), b, to_int(ldb), c,
-                               to_int(ldc)));
+    const cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasOperation_t opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+    UNLOCK_CUBLAS_CHECK(gemm_t(blas_, opa, opb, to_int(m), to_int(n), to_int(k), a, to_int(lda), b,
+                               to_int(ldb), c, to_int(ldc)));
   }
 
   void lu_basis(T* y, int64_t m, int64_t n, int* ipiv, T* work) {
@@ -374,13 +357,13 @@ void svd(const RsvdArgs& a, cudaStream_t stream) {
 
 std::size_t rsvd_eigh_workspace_cuda(const RsvdArgs& a, int device) {
   rsvd_check_args(a, true, false);
-  DeviceGuard guard(device);
+  cuda::DeviceGuard guard(device);
   return a.dtype == DType::kFloat64 ? eigh_workspace<double>(a) : eigh_workspace<float>(a);
 }
 
 void rsvd_eigh_cuda(const RsvdArgs& a, int device, std::uintptr_t stream) {
   rsvd_check_args(a, true, true);
-  DeviceGuard guard(device);
+  cuda::DeviceGuard guard(device);
   if (a.dtype == DType::kFloat64) {
     eigh<double>(a, cuda::as_stream(stream));
   } else {
@@ -390,13 +373,13 @@ void rsvd_eigh_cuda(const RsvdArgs& a, int device, std::uintptr_t stream) {
 
 std::size_t rsvd_svd_workspace_cuda(const RsvdArgs& a, int device) {
   rsvd_check_args(a, false, false);
-  DeviceGuard guard(device);
+  cuda::DeviceGuard guard(device);
   return a.dtype == DType::kFloat64 ? svd_workspace<double>(a) : svd_workspace<float>(a);
 }
 
 void rsvd_svd_cuda(const RsvdArgs& a, int device, std::uintptr_t stream) {
   rsvd_check_args(a, false, true);
-  DeviceGuard guard(device);
+  cuda::DeviceGuard guard(device);
   if (a.dtype == DType::kFloat64) {
     svd<double>(a, cuda::as_stream(stream));
   } else {

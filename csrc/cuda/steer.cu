@@ -79,7 +79,7 @@ void steer_cuda(const SteerArgs& a, int device, std::uintptr_t stream_handle) {
   const int64_t blocks = a.positions ? a.batch : a.batch * a.seq;
   if (blocks == 0) return;
   UNLOCK_CHECK_ARG(blocks <= 0x7fffffff, "steer: too many rows for one launch");
-  UNLOCK_CUDA_CHECK(cudaSetDevice(device));
+  cuda::DeviceGuard guard(device);
   cudaStream_t stream = cuda::as_stream(stream_handle);
   dispatch_float(a.dtype, "hidden", [&](auto tag) {
     steer_kernel<decltype(tag)><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);

@@ -39,8 +39,8 @@ DEFAULT_STOP_MARKERS: tuple[str, ...] = (
 
 _NUM = r"-?\$?\s?\d[\d,]*(?:\.\d+)?(?:\s?/\s?\d+)?%?"
 _NUM_RE = re.compile(r"(?<![\w.])" + _NUM)
-_FINAL_RE = re.compile(r"final\s+answer\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE)
-_ANSWER_RE = re.compile(r"(?:answer\s+is|answer\s*:|=\s*)\s*(.+)", re.IGNORECASE)
+_FINAL_RE = re.compile(r"final\s+answer\s*(?:is|:)\s*:?\s*", re.IGNORECASE)
+_ANSWER_RE = re.compile(r"answer\s*(?:is|:)\s*:?\s*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -104,15 +104,14 @@ def extract_answer(
     text = truncate_at_stop(text, stop_markers)
     finals = list(_FINAL_RE.finditer(text))
     if finals:
-        ans = _strip_answer(finals[-1].group(1))
+        ans = _strip_answer(text[finals[-1].end() :])
         if ans:
             return Extraction(ans, "final")
     boxed = last_boxed(text)
     if boxed:
         return Extraction(boxed, "boxed")
-    answers = list(re.finditer(r"(?:answer\s+is|answer\s*:)\s*:?\s*(\S.*)", text, re.IGNORECASE))
-    for m in reversed(answers):
-        ans = _strip_answer(m.group(1))
+    for m in reversed(list(_ANSWER_RE.finditer(text))):
+        ans = _strip_answer(text[m.end() :])
         if ans and _NUM_RE.search(ans):
             return Extraction(ans, "answer")
     nums = _NUM_RE.findall(text)
@@ -183,14 +182,20 @@ _EQUATION_RE = re.compile(
     r"\d[\d,.]*\s*(?:[-+*/x×÷]|\\times|\\cdot|\\div)\s*\$?\d[\d,.]*.{0,40}?=\s*\$?-?\d"
 )
 _STEP_WORDS_RE = re.compile(
-    r"\b(?:step\s*\d|first(?:ly)?|then|next|so|therefore|finally|second(?:ly)?)\b", re.IGNORECASE
+    r"\b(?:first(?:ly)?|then|next|so|therefore|finally|second(?:ly)?)\b", re.IGNORECASE
+)
+_ENUMERATED_RE = re.compile(
+    r"^\s*(?:step\s*\d+\s*[:.)]|\d+\s*[.)]\s+\S)", re.IGNORECASE | re.MULTILINE
 )
 
 
 def shows_steps(output: str) -> bool:
-    """Whether an output shows intermediate reasoning: an arithmetic equation such as
-    ``3 x 4 = 12``, or at least two step words (first, then, next, so, therefore, ...)."""
+    """Whether an output shows intermediate reasoning steps: an arithmetic equation such as
+    ``3 x 4 = 12``, at least two enumerated lines (``1. ...``, ``Step 2: ...``), or at least
+    two step words (first, then, next, so, therefore, finally)."""
     text = truncate_at_stop(output)
     if _EQUATION_RE.search(text):
+        return True
+    if len(_ENUMERATED_RE.findall(text)) >= 2:
         return True
     return len(_STEP_WORDS_RE.findall(text)) >= 2

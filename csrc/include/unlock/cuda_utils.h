@@ -37,6 +37,25 @@ namespace unlock::cuda {
 
 inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
+// Makes `device` current for the scope and restores the caller's device after, so that a
+// call on cuda:1 leaves torch's current device as it was.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    UNLOCK_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (device != previous_) UNLOCK_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~DeviceGuard() {
+    int now = previous_;
+    if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 // Handles are created once per (host thread, device), bound to `stream` on every call, and
 // kept for the life of the process. cuBLAS runs in its default math mode (plain FP32, no
 // TF32) with host-side scalars.
