@@ -8,7 +8,9 @@ hidden 512):
    ``ControlVector.train`` (``pca_diff``, which is PCA of centred differences too);
 2. the per-token cost of steered greedy generation over unsteered generation: our hooks
    (``add`` at every token, the same math as both peers, and ``rotate`` at the last prompt
-   token, the paper's rule) vs ``SteeringVector.apply`` and repeng's ``ControlModel``.
+   token, the paper's rule) vs ``SteeringVector.apply`` and repeng's ``ControlModel``,
+   end to end (install included) and for one decoding step with a warm KV cache (finer:
+   many interleaved repeats).
 
 Before any timing counts, the results are checked: the mean directions must match
 steering-vectors', the PCA axes must match repeng's up to sign, and the three additive
@@ -21,6 +23,7 @@ correctly. Writes JSON (default bench/results/pipeline.json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -32,7 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
 
 import unlock_fast as uf
 
@@ -111,6 +119,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=2000)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--step-repeats", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "pipeline.json"))
     args = ap.parse_args()
@@ -267,6 +276,51 @@ def main() -> None:
         per_token_ms["repeng_add_all"] - per_token_ms["repeng_unsteered"]
     )
 
+    # -- 3. one decoding step with a warm KV cache (hooks already installed) --------------
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(**prompt, past_key_values=cache, use_cache=True)
+    plen = prompt["input_ids"].shape[1]
+    step_in = dict(
+        input_ids=torch.tensor([[5]]),
+        attention_mask=torch.ones(1, plen + 1, dtype=torch.long),
+        cache_position=torch.tensor([plen]),
+    )
+
+    def step(m):
+        with torch.inference_mode():
+            m(**step_in, past_key_values=cache, use_cache=True)
+        cache.crop(plen)
+
+    steerers = {
+        "unsteered": contextlib.nullcontext,
+        "ours_add_all": lambda: uf.steer(model, key, alpha=alpha, mode="add", positions="all"),
+        "ours_rotate_last_prompt": lambda: uf.steer(model, key, alpha=0.5),
+        "steering_vectors_add_all": lambda: sv.apply(model, multiplier=alpha),
+    }
+    srows: dict[str, list[float]] = {k: [] for k in [*steerers, *wrapped_group]}
+    for rep in range(args.step_repeats + 1):
+        for name, ctx in steerers.items():
+            with ctx():
+                t0 = time.perf_counter()
+                step(model)
+                if rep:
+                    srows[name].append(time.perf_counter() - t0)
+    cmodel = repeng.ControlModel(model, list(range(n_layers)))
+    for rep in range(args.step_repeats + 1):
+        for name in wrapped_group:
+            if name == "repeng_add_all":
+                cmodel.set_control(control, coeff=alpha)
+            t0 = time.perf_counter()
+            step(cmodel)
+            if rep:
+                srows[name].append(time.perf_counter() - t0)
+            cmodel.reset()
+    cmodel.unwrap()
+    step_ms = {k: 1e3 * statistics.median(v) for k, v in srows.items()}
+    step_overhead = {k: step_ms[k] - step_ms["unsteered"] for k in steerers if k != "unsteered"}
+    step_overhead["repeng_add_all"] = step_ms["repeng_add_all"] - step_ms["repeng_unsteered"]
+
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "threads": args.threads,
@@ -296,6 +350,9 @@ def main() -> None:
         },
         "generate_ms_per_token": per_token_ms,
         "steering_overhead_ms_per_token": overhead_ms,
+        "step_repeats": args.step_repeats,
+        "decode_step_ms": step_ms,
+        "decode_step_overhead_ms": step_overhead,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

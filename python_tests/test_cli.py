@@ -56,10 +56,25 @@ def test_transfer_generate_evaluate(
 ) -> None:
     out = tmp_path / "run"
     code, stdout, _ = run(
-        ["transfer", "-s", models["src"], "-t", models["tgt"], "-o", str(out), "-n", "6",
-         "--n-heldout", "4", "--rank", "4", "--batch-size", "3"],
+        [
+            "transfer",
+            "-s",
+            models["src"],
+            "-t",
+            models["tgt"],
+            "-o",
+            str(out),
+            "-n",
+            "6",
+            "--n-heldout",
+            "4",
+            "--rank",
+            "4",
+            "--batch-size",
+            "3",
+        ],
         capsys,
-    )  # fmt: skip
+    )
     assert code == 0
     for sub in ("direction", "alignment", "key"):
         assert (out / sub / "unlock.json").is_file()
@@ -68,19 +83,44 @@ def test_transfer_generate_evaluate(
     assert "centred R²" in stdout
 
     code, stdout, _ = run(
-        ["generate", "-m", models["tgt"], "--key", str(out / "key"), "-p", "Tom has 3 apples.",
-         "-p", "A box holds 6 eggs.", "--max-new-tokens", "3", "--compare", "--alpha", "0.5"],
+        [
+            "generate",
+            "-m",
+            models["tgt"],
+            "--key",
+            str(out / "key"),
+            "-p",
+            "Tom has 3 apples.",
+            "-p",
+            "A box holds 6 eggs.",
+            "--max-new-tokens",
+            "3",
+            "--compare",
+            "--alpha",
+            "0.5",
+        ],
         capsys,
-    )  # fmt: skip
+    )
     assert code == 0
     assert stdout.count("--- steered (alpha=0.5)") == 2 and stdout.count("--- unsteered") == 2
 
     rep = tmp_path / "eval"
     code, stdout, _ = run(
-        ["evaluate", "-t", models["tgt"], "--key", str(out / "key"), "-n", "5",
-         "--max-new-tokens", "3", "-o", str(rep)],
+        [
+            "evaluate",
+            "-t",
+            models["tgt"],
+            "--key",
+            str(out / "key"),
+            "-n",
+            "5",
+            "--max-new-tokens",
+            "3",
+            "-o",
+            str(rep),
+        ],
         capsys,
-    )  # fmt: skip
+    )
     assert code == 0
     data = json.loads((rep / "report.json").read_text())
     assert [c["condition"] for c in data["conditions"]] == ["baseline", "cot", "unlock", "random"]
@@ -96,19 +136,44 @@ def test_extract_and_align(
     models: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, stdout, _ = run(
-        ["extract", "-m", models["src"], "-o", str(tmp_path / "d"), "-n", "4", "--method", "pca",
-         "--layers", "0-1"],
+        [
+            "extract",
+            "-m",
+            models["src"],
+            "-o",
+            str(tmp_path / "d"),
+            "-n",
+            "4",
+            "--method",
+            "pca",
+            "--layers",
+            "0-1",
+        ],
         capsys,
-    )  # fmt: skip
+    )
     assert code == 0 and "2 layers x 32" in stdout
     meta = json.loads((tmp_path / "d" / "unlock.json").read_text())
     assert meta["kind"] == "direction" and meta["layers"] == [0, 1] and meta["method"] == "pca"
 
     code, stdout, _ = run(
-        ["align", "-s", models["src"], "-t", models["tgt"], "-o", str(tmp_path / "a"), "-n", "5",
-         "--n-heldout", "0", "--rank", "3", "--centered"],
+        [
+            "align",
+            "-s",
+            models["src"],
+            "-t",
+            models["tgt"],
+            "-o",
+            str(tmp_path / "a"),
+            "-n",
+            "5",
+            "--n-heldout",
+            "0",
+            "--rank",
+            "3",
+            "--centered",
+        ],
         capsys,
-    )  # fmt: skip
+    )
     assert code == 0 and "rank 3" in stdout
     meta = json.loads((tmp_path / "a" / "unlock.json").read_text())
     assert meta["kind"] == "alignment" and meta["centered"] is True
@@ -119,11 +184,33 @@ def test_grid_search_selects_on_heldout(
 ) -> None:
     rep = tmp_path / "grid"
     code, stdout, _ = run(
-        ["evaluate", "-t", models["tgt"], "-s", models["src"], "--ranks", "2,4",
-         "--alphas", "0.1,0.5", "--ns", "3,5", "--n-train", "5", "--n-heldout", "3", "-n", "3",
-         "--max-new-tokens", "2", "--conditions", "baseline,unlock", "-o", str(rep)],
+        [
+            "evaluate",
+            "-t",
+            models["tgt"],
+            "-s",
+            models["src"],
+            "--ranks",
+            "2,4",
+            "--alphas",
+            "0.1,0.5",
+            "--ns",
+            "3,5",
+            "--n-train",
+            "5",
+            "--n-heldout",
+            "3",
+            "-n",
+            "3",
+            "--max-new-tokens",
+            "2",
+            "--conditions",
+            "baseline,unlock",
+            "-o",
+            str(rep),
+        ],
         capsys,
-    )  # fmt: skip
+    )
     assert code == 0 and "selected on held-out" in stdout
     data = json.loads((rep / "report.json").read_text())
     assert len(data["points"]) == 2 * 2 * 2
@@ -182,9 +269,11 @@ def test_key_for_another_model_is_refused(
 
 
 def test_bad_option_values_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["extract", "-m", "x", "-o", "y", "--layers", "a-b"],
-                 ["evaluate", "-t", "x", "--ranks", "1,two"],
-                 ["demo", "--n-test", "0"]):  # fmt: skip
+    for argv in (
+        ["extract", "-m", "x", "-o", "y", "--layers", "a-b"],
+        ["evaluate", "-t", "x", "--ranks", "1,two"],
+        ["demo", "--n-test", "0"],
+    ):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2

@@ -48,9 +48,18 @@ def test_demo_plumbing_on_tiny_models(tmp_path: Path, capsys: pytest.CaptureFixt
         tok.save_pretrained(tmp_path / name)
         dirs[name] = str(tmp_path / name)
     cfg = replace(
-        QUICK, source=dirs["src"], target=dirs["tgt"], n_train=6, n_heldout=4, n_test=3,
-        max_new_tokens=2, rank=4, sweep_ranks=(1, 4), alphas=(0.1, 0.5), num_random=20,
-    )  # fmt: skip
+        QUICK,
+        source=dirs["src"],
+        target=dirs["tgt"],
+        n_train=6,
+        n_heldout=4,
+        n_test=3,
+        max_new_tokens=2,
+        rank=4,
+        sweep_ranks=(1, 4),
+        alphas=(0.1, 0.5),
+        num_random=20,
+    )
     result = run_demo(cfg, out=tmp_path / "report", progress=False)
     printed = capsys.readouterr().out
     assert "Evaluation on 3 test problems" in printed

@@ -61,14 +61,15 @@ class ModelInfo:
 
     def check(
         self,
-        model: nn.Module,
+        model: nn.Module | ModelInfo,
         *,
         what: str,
         layer_path: str | None = None,
         check_fingerprint: bool = True,
     ) -> None:
-        """Raise ValueError unless ``model`` has these shapes (and this fingerprint)."""
-        got = ModelInfo.of(model, layer_path)
+        """Raise ValueError unless ``model`` (or its ModelInfo) has these shapes (and this
+        fingerprint)."""
+        got = model if isinstance(model, ModelInfo) else ModelInfo.of(model, layer_path)
         if got.hidden_size != self.hidden_size or got.num_layers != self.num_layers:
             raise ValueError(
                 f"{what} was made for {self.name} (hidden size {self.hidden_size}, "

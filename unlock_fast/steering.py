@@ -31,7 +31,13 @@ from torch import nn
 from . import ops, reference
 from .artifacts import ModelInfo, expect_shape, read_artifact, save_artifact
 from .capture import last_positions, layer_output
-from .layers import decoder_layers, resolve_layer_indices
+from .layers import (
+    decoder_layers,
+    hidden_size,
+    model_fingerprint,
+    model_name,
+    resolve_layer_indices,
+)
 
 __all__ = ["SteeringKey", "SteeringHandle", "steer", "MODES", "POSITIONS"]
 
@@ -101,21 +107,16 @@ class SteeringKey:
 
 
 def _normalise_key(
-    key: Any, model: nn.Module, num_layers: int, layer_path: str | None, check_fingerprint: bool
+    key: Any, info: ModelInfo, check_fingerprint: bool
 ) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
     """Return (vectors [L_sel, d] or [B, L_sel, d], layers, row_on [B] bool or None)."""
     from .direction import Direction
 
-    d_model = ModelInfo.of(model, layer_path).hidden_size
+    d_model, num_layers = info.hidden_size, info.num_layers
     if isinstance(key, Direction):
         key = key.as_key()
     if isinstance(key, SteeringKey):
-        key.model.check(
-            model,
-            what="this steering key",
-            layer_path=layer_path,
-            check_fingerprint=check_fingerprint,
-        )
+        key.model.check(info, what="this steering key", check_fingerprint=check_fingerprint)
         return key.vectors.float(), list(key.layers), None
     if isinstance(key, torch.Tensor):
         if key.dim() not in (2, 3) or key.shape[-2:] != (num_layers, d_model):
@@ -138,12 +139,7 @@ def _normalise_key(
         real = [k.as_key() if isinstance(k, Direction) else k for k in real]
         layers = list(real[0].layers)
         for k in real:
-            k.model.check(
-                model,
-                what="this steering key",
-                layer_path=layer_path,
-                check_fingerprint=check_fingerprint,
-            )
+            k.model.check(info, what="this steering key", check_fingerprint=check_fingerprint)
             if list(k.layers) != layers:
                 raise ValueError(
                     f"all keys of a batch must cover the same layers, got {layers} and "
@@ -207,7 +203,7 @@ class SteeringHandle:
         alpha: float,
         mode: str,
         positions: str,
-        layer_path: str | None,
+        blocks: nn.Module,
     ) -> None:
         self.model = model
         self.alpha = float(alpha)
@@ -218,7 +214,6 @@ class SteeringHandle:
         self._row_on = row_on
         self._call: _Call | None = None
         self._vec_cache: dict[tuple[int, torch.device, int], torch.Tensor] = {}
-        blocks = decoder_layers(model, layer_path)
         owner = _stack_owner(model, blocks)
         try:
             self._sig: inspect.Signature | None = inspect.signature(owner.forward)
@@ -382,10 +377,15 @@ def steer(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    num_layers = len(decoder_layers(model, layer_path))
-    vectors, key_layers, row_on = _normalise_key(
-        key, model, num_layers, layer_path, check_fingerprint
+    blocks = decoder_layers(model, layer_path)
+    info = ModelInfo(
+        name=model_name(model),
+        fingerprint=model_fingerprint(model) if check_fingerprint else "",
+        hidden_size=hidden_size(model),
+        num_layers=len(blocks),
     )
+    num_layers = info.num_layers
+    vectors, key_layers, row_on = _normalise_key(key, info, check_fingerprint)
     if layers is not None:
         chosen = resolve_layer_indices(num_layers, layers)
         missing = [i for i in chosen if i not in key_layers]
@@ -394,6 +394,4 @@ def steer(
         idx = [key_layers.index(i) for i in chosen]
         vectors = vectors[..., idx, :]
         key_layers = chosen
-    return SteeringHandle(
-        model, vectors, key_layers, row_on, float(alpha), mode, positions, layer_path
-    )
+    return SteeringHandle(model, vectors, key_layers, row_on, float(alpha), mode, positions, blocks)

@@ -99,24 +99,43 @@ def run_transfer(
     s_unlocked = format_prompts(q, "cot", tokenizer=source_tokenizer, chat=source_chat)
     t_locked = format_prompts(q, "direct", tokenizer=target_tokenizer, chat=target_chat)
     direction = extract_direction(
-        source_model, source_tokenizer, s_locked, s_unlocked, method=method,
-        batch_size=batch_size, progress=progress,
-    )  # fmt: skip
+        source_model,
+        source_tokenizer,
+        s_locked,
+        s_unlocked,
+        method=method,
+        batch_size=batch_size,
+        progress=progress,
+    )
     stats = collect_alignment_stats(
-        source_model, source_tokenizer, target_model, target_tokenizer, s_locked,
-        target_prompts=t_locked, layer_map=layer_map, batch_size=batch_size, progress=progress,
-    )  # fmt: skip
+        source_model,
+        source_tokenizer,
+        target_model,
+        target_tokenizer,
+        s_locked,
+        target_prompts=t_locked,
+        layer_map=layer_map,
+        batch_size=batch_size,
+        progress=progress,
+    )
     alignment = stats.fit(rank=rank, centered=centered, ridge=ridge)
     key = alignment.transfer(direction)
     run = TransferRun(direction, stats, alignment, key)
     if heldout:
         hq = [p.question for p in heldout]
         run.heldout_stats = collect_alignment_stats(
-            source_model, source_tokenizer, target_model, target_tokenizer,
+            source_model,
+            source_tokenizer,
+            target_model,
+            target_tokenizer,
             format_prompts(hq, "direct", tokenizer=source_tokenizer, chat=source_chat),
-            target_prompts=format_prompts(hq, "direct", tokenizer=target_tokenizer, chat=target_chat),
-            layer_map=alignment.layer_map, batch_size=batch_size, progress=progress,
-        )  # fmt: skip
+            target_prompts=format_prompts(
+                hq, "direct", tokenizer=target_tokenizer, chat=target_chat
+            ),
+            layer_map=alignment.layer_map,
+            batch_size=batch_size,
+            progress=progress,
+        )
         run.diagnostics = alignment.diagnose(run.heldout_stats)
     return run
 
@@ -136,11 +155,14 @@ def target_direction(
 
     q = [p.question for p in problems]
     return extract_direction(
-        model, tokenizer,
+        model,
+        tokenizer,
         format_prompts(q, "direct", tokenizer=tokenizer, chat=chat),
         format_prompts(q, "cot", tokenizer=tokenizer, chat=chat),
-        method=method, batch_size=batch_size, progress=progress,
-    )  # fmt: skip
+        method=method,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
 
 def rank_sweep(stats: Any, heldout_stats: Any, ranks: Sequence[int], **fit: Any) -> dict[int, Any]:
@@ -233,6 +255,12 @@ def key_cosines(
         rhi.append(float(q[1]))
         exceed.append(float((rc >= c).double().mean()))
     return CosineEvidence(
-        layers=layers, cosine=cos, random_mean=rmean, random_low=rlo, random_high=rhi,
-        exceed=exceed, chance=1.96 / math.sqrt(key.model.hidden_size), num_random=num_random,
-    )  # fmt: skip
+        layers=layers,
+        cosine=cos,
+        random_mean=rmean,
+        random_low=rlo,
+        random_high=rhi,
+        exceed=exceed,
+        chance=1.96 / math.sqrt(key.model.hidden_size),
+        num_random=num_random,
+    )

@@ -121,17 +121,25 @@ def grid_search(
     for n in ns:
         chunk = list(train[done:n])
         d_new = extract_direction(
-            source_model, source_tokenizer,
+            source_model,
+            source_tokenizer,
             render(chunk, source_tokenizer, source_chat, "direct"),
             render(chunk, source_tokenizer, source_chat, "cot"),
-            method=method, batch_size=batch_size, progress=progress,
-        )  # fmt: skip
+            method=method,
+            batch_size=batch_size,
+            progress=progress,
+        )
         s_new = collect_alignment_stats(
-            source_model, source_tokenizer, target_model, target_tokenizer,
+            source_model,
+            source_tokenizer,
+            target_model,
+            target_tokenizer,
             render(chunk, source_tokenizer, source_chat, "direct"),
             target_prompts=render(chunk, target_tokenizer, target_chat, "direct"),
-            layer_map=layer_map, batch_size=batch_size, progress=progress,
-        )  # fmt: skip
+            layer_map=layer_map,
+            batch_size=batch_size,
+            progress=progress,
+        )
         direction = d_new if direction is None else _combine_mean(direction, d_new)
         stats = s_new if stats is None else stats.merge(s_new)
         done = n
@@ -139,10 +147,18 @@ def grid_search(
             key = alignment.transfer(direction)
             for alpha in alphas:
                 res = evaluate_conditions(
-                    target_model, target_tokenizer, heldout, key=key, alpha=alpha,
-                    conditions=("unlock",), chat=target_chat, max_new_tokens=max_new_tokens,
-                    batch_size=batch_size, seed=seed, progress=progress,
-                )  # fmt: skip
+                    target_model,
+                    target_tokenizer,
+                    heldout,
+                    key=key,
+                    alpha=alpha,
+                    conditions=("unlock",),
+                    chat=target_chat,
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                    seed=seed,
+                    progress=progress,
+                )
                 c = res.conditions["unlock"]
                 points.append(
                     GridPoint(rank, float(alpha), n, c.accuracy, c.step_rate, c.mean_tokens)
@@ -151,10 +167,18 @@ def grid_search(
     best = min(points, key=GridPoint.sort_key)
     key = keys[(best.rank, best.alpha, best.n)]
     test_res = evaluate_conditions(
-        target_model, target_tokenizer, test, key=key, alpha=best.alpha, conditions=conditions,
-        chat=target_chat, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+        target_model,
+        target_tokenizer,
+        test,
+        key=key,
+        alpha=best.alpha,
+        conditions=conditions,
+        chat=target_chat,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
         progress=progress,
-    )  # fmt: skip
+    )
     test_res.settings.update(rank=best.rank, n=best.n, selected_on="heldout")
     curve = [(p.alpha, p.heldout.value) for p in points if (p.rank, p.n) == (best.rank, best.n)]
     return GridResult(points, best, test_res, key, {"unlock (held-out)": sorted(curve)})

@@ -124,8 +124,8 @@ def paired_comparison(
     if len(a) != len(b):
         raise ValueError(f"paired verdicts must have equal length, got {len(a)} and {len(b)}")
     n = len(a)
-    only_a = sum(1 for x, y in zip(a, b) if x and not y)
-    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    only_a = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
     if n == 0:
         return PairedComparison(name_a, name_b, 0, 0.0, 0.0, 0.0, 0, 0, 1.0)
     diff = (only_b - only_a) / n
@@ -133,9 +133,16 @@ def paired_comparison(
     var = (only_a + only_b - (only_b - only_a) ** 2 / n) / n**2
     half = _Z95 * math.sqrt(max(var, 0.0)) + 1 / n
     return PairedComparison(
-        name_a, name_b, n, diff, max(-1.0, diff - half), min(1.0, diff + half),
-        only_a, only_b, mcnemar_exact(only_a, only_b),
-    )  # fmt: skip
+        name_a,
+        name_b,
+        n,
+        diff,
+        max(-1.0, diff - half),
+        min(1.0, diff + half),
+        only_a,
+        only_b,
+        mcnemar_exact(only_a, only_b),
+    )
 
 
 def mean(values: Sequence[float]) -> float:

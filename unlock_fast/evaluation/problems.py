@@ -16,13 +16,41 @@ from .datasets import Problem
 __all__ = ["generate_problems", "problem_splits", "PROBLEM_KINDS"]
 
 _NAMES = [
-    "Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Isla", "Jack",
-    "Kira", "Leo", "Maya", "Noah", "Olive", "Paul", "Rosa", "Sam", "Tara", "Omar",
-]  # fmt: skip
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Dan",
+    "Emma",
+    "Finn",
+    "Grace",
+    "Hugo",
+    "Isla",
+    "Jack",
+    "Kira",
+    "Leo",
+    "Maya",
+    "Noah",
+    "Olive",
+    "Paul",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Omar",
+]
 _THINGS = [
-    "apples", "marbles", "stickers", "pencils", "cookies", "books", "stamps", "shells",
-    "cards", "balloons", "oranges", "coins",
-]  # fmt: skip
+    "apples",
+    "marbles",
+    "stickers",
+    "pencils",
+    "cookies",
+    "books",
+    "stamps",
+    "shells",
+    "cards",
+    "balloons",
+    "oranges",
+    "coins",
+]
 _CONTAINERS = ["boxes", "bags", "packs", "jars", "baskets", "crates"]
 _ITEMS = ["notebooks", "pens", "toy cars", "cupcakes", "tickets", "plants", "mugs"]
 
@@ -40,7 +68,10 @@ def _add(rng: random.Random) -> tuple[str, list[str], int, int]:
     name, _ = _pick_pair(rng)
     thing = rng.choice(_THINGS)
     a, b = rng.randint(5, 60), rng.randint(3, 40)
-    q = f"{name} has {a} {thing}. {name} gets {b} more {thing}. How many {thing} does {name} have now?"
+    q = (
+        f"{name} has {a} {thing}. {name} gets {b} more {thing}. "
+        f"How many {thing} does {name} have now?"
+    )
     return q, [f"{name} has {a} + {b} = {a + b} {thing}."], a + b, 1
 
 
@@ -49,7 +80,10 @@ def _sub(rng: random.Random) -> tuple[str, list[str], int, int]:
     thing = rng.choice(_THINGS)
     a = rng.randint(20, 90)
     b = rng.randint(3, a - 5)
-    q = f"{name} had {a} {thing} and gave {b} of them to {friend}. How many {thing} does {name} have left?"
+    q = (
+        f"{name} had {a} {thing} and gave {b} of them to {friend}. "
+        f"How many {thing} does {name} have left?"
+    )
     return q, [f"{name} has {a} - {b} = {a - b} {thing} left."], a - b, 1
 
 
@@ -57,7 +91,10 @@ def _mul(rng: random.Random) -> tuple[str, list[str], int, int]:
     name, _ = _pick_pair(rng)
     thing, box = rng.choice(_THINGS), rng.choice(_CONTAINERS)
     a, b = rng.randint(2, 9), rng.randint(3, 12)
-    q = f"{name} buys {a} {box} of {thing}. Each of the {box} holds {b} {thing}. How many {thing} does {name} buy?"
+    q = (
+        f"{name} buys {a} {box} of {thing}. Each of the {box} holds {b} {thing}. "
+        f"How many {thing} does {name} buy?"
+    )
     return q, [f"{name} buys {a} x {b} = {a * b} {thing}."], a * b, 1
 
 
@@ -66,7 +103,10 @@ def _div(rng: random.Random) -> tuple[str, list[str], int, int]:
     thing = rng.choice(_THINGS)
     k, each = rng.randint(2, 8), rng.randint(2, 12)
     total = k * each
-    q = f"{name} shares {total} {thing} equally among {k} friends. How many {thing} does each friend get?"
+    q = (
+        f"{name} shares {total} {thing} equally among {k} friends. "
+        f"How many {thing} does each friend get?"
+    )
     return q, [f"Each friend gets {total} / {k} = {each} {thing}."], each, 1
 
 
@@ -79,8 +119,10 @@ def _add_sub(rng: random.Random) -> tuple[str, list[str], int, int]:
         f"{name} has {a} {thing}. {name} finds {b} more, then gives {c} to {friend}. "
         f"How many {thing} does {name} have now?"
     )
-    steps = [f"After finding more, {name} has {a} + {b} = {a + b} {thing}.",
-             f"After giving some away, {name} has {a + b} - {c} = {a + b - c} {thing}."]  # fmt: skip
+    steps = [
+        f"After finding more, {name} has {a} + {b} = {a + b} {thing}.",
+        f"After giving some away, {name} has {a + b} - {c} = {a + b - c} {thing}.",
+    ]
     return q, steps, a + b - c, 2
 
 
@@ -94,8 +136,10 @@ def _change(rng: random.Random) -> tuple[str, list[str], int, int]:
         f"{name} buys {n} {item} that cost ${price} each and pays with a ${bill} bill. "
         f"How many dollars of change does {name} get?"
     )
-    steps = [f"The {item} cost {n} x {price} = {cost} dollars.",
-             f"The change is {bill} - {cost} = {bill - cost} dollars."]  # fmt: skip
+    steps = [
+        f"The {item} cost {n} x {price} = {cost} dollars.",
+        f"The change is {bill} - {cost} = {bill - cost} dollars.",
+    ]
     return q, steps, bill - cost, 2
 
 
@@ -107,8 +151,10 @@ def _mul_add(rng: random.Random) -> tuple[str, list[str], int, int]:
         f"{name} has {a} {box} with {b} {thing} in each. {friend} gives {name} {c} more {thing}. "
         f"How many {thing} does {name} have in total?"
     )
-    steps = [f"The {box} hold {a} x {b} = {a * b} {thing}.",
-             f"With the gift, {name} has {a * b} + {c} = {a * b + c} {thing}."]  # fmt: skip
+    steps = [
+        f"The {box} hold {a} x {b} = {a * b} {thing}.",
+        f"With the gift, {name} has {a * b} + {c} = {a * b + c} {thing}.",
+    ]
     return q, steps, a * b + c, 2
 
 
@@ -120,8 +166,10 @@ def _compare(rng: random.Random) -> tuple[str, list[str], int, int]:
         f"{name} has {a} {thing}. {friend} has {d} more {thing} than {name}. "
         f"How many {thing} do they have together?"
     )
-    steps = [f"{friend} has {a} + {d} = {a + d} {thing}.",
-             f"Together they have {a} + {a + d} = {2 * a + d} {thing}."]  # fmt: skip
+    steps = [
+        f"{friend} has {a} + {d} = {a + d} {thing}.",
+        f"Together they have {a} + {a + d} = {2 * a + d} {thing}.",
+    ]
     return q, steps, 2 * a + d, 2
 
 
@@ -136,9 +184,11 @@ def _three_step(rng: random.Random) -> tuple[str, list[str], int, int]:
         f"{name} makes {per_day} {item} a day for {days} days. {name} sells {sold} of them "
         f"and gives {given} to {friend}. How many {item} does {name} have left?"
     )
-    steps = [f"{name} makes {per_day} x {days} = {made} {item}.",
-             f"After selling, {made} - {sold} = {made - sold} are left.",
-             f"After the gift, {made - sold} - {given} = {made - sold - given} are left."]  # fmt: skip
+    steps = [
+        f"{name} makes {per_day} x {days} = {made} {item}.",
+        f"After selling, {made} - {sold} = {made - sold} are left.",
+        f"After the gift, {made - sold} - {given} = {made - sold - given} are left.",
+    ]
     return q, steps, made - sold - given, 3
 
 

@@ -65,10 +65,14 @@ def alignment_table(diagnostics: Any, cosines: Any = None) -> str:
         cos_at = {
             layer: (c, lo, hi, ex)
             for layer, c, lo, hi, ex in zip(
-                cosines.layers, cosines.cosine, cosines.random_low, cosines.random_high,
-                cosines.exceed, strict=True,
+                cosines.layers,
+                cosines.cosine,
+                cosines.random_low,
+                cosines.random_high,
+                cosines.exceed,
+                strict=True,
             )
-        }  # fmt: skip
+        }
     for (s, t), err, r2 in zip(
         diagnostics.layer_map, diagnostics.rel_error, diagnostics.r2, strict=True
     ):
@@ -193,12 +197,21 @@ def plot_key_cosine(cosines: Any, path: str | os.PathLike[str]) -> Path:
     fig, ax = _figure()
     xs = cosines.layers
     ax.fill_between(
-        xs, cosines.random_low, cosines.random_high, alpha=0.25, color="gray",
+        xs,
+        cosines.random_low,
+        cosines.random_high,
+        alpha=0.25,
+        color="gray",
         label=f"random directions via T (95% of {cosines.num_random})",
-    )  # fmt: skip
+    )
     ax.plot(xs, cosines.random_mean, color="gray", linewidth=1)
-    ax.axhspan(-cosines.chance, cosines.chance, alpha=0.12, color="tab:orange",
-               label="random in Target space (95%)")  # fmt: skip
+    ax.axhspan(
+        -cosines.chance,
+        cosines.chance,
+        alpha=0.12,
+        color="tab:orange",
+        label="random in Target space (95%)",
+    )
     ax.plot(xs, cosines.cosine, marker="o", color="tab:blue", label="transferred key")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xlabel("Target layer")

@@ -322,10 +322,17 @@ def evaluate_conditions(
             bar.set_description(f"evaluate {name}")
             t0 = time.perf_counter()
             gens = generate(
-                model, tokenizer, prompts[style], key=use_key, alpha=alpha, mode=mode,
-                positions=positions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                model,
+                tokenizer,
+                prompts[style],
+                key=use_key,
+                alpha=alpha,
+                mode=mode,
+                positions=positions,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
                 progress=bar.update,
-            )  # fmt: skip
+            )
             seconds = time.perf_counter() - t0
             items = []
             for p, prompt, g in zip(problems, prompts[style], gens, strict=True):
@@ -343,12 +350,15 @@ def evaluate_conditions(
                         correct=is_equivalent(ext.answer, p.answer),
                         num_tokens=g.num_tokens,
                         shows_steps=shows_steps(g.text),
-                    )  # fmt: skip
+                    )
                 )
             results[name] = ConditionResult(
-                name, _DESCRIPTIONS[name], items,
-                alpha=alpha if use_key is not None else None, seconds=seconds,
-            )  # fmt: skip
+                name,
+                _DESCRIPTIONS[name],
+                items,
+                alpha=alpha if use_key is not None else None,
+                seconds=seconds,
+            )
     finally:
         bar.close()
     settings = {
