@@ -37,7 +37,7 @@ class DemoConfig:
     n_heldout: int = 32
     n_test: int = 48
     rank: int = 32
-    alpha: float = 0.3
+    alpha: float = 0.1
     alphas: tuple[float, ...] = ()
     sweep_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     max_new_tokens: int = 48

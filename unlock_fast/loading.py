@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -440,6 +441,7 @@ def _convert_gguf(resolved: ResolvedModel, dest: Path, progress: bool) -> None:
         print(
             f"Converting {Path(resolved.gguf_file or '').name} to safetensors "
             f"(once; cached in {dest.parent})...",
+            file=sys.stderr,
             flush=True,
         )
     kwargs: dict[str, Any] = {"gguf_file": resolved.gguf_file}

@@ -185,7 +185,6 @@ class _Call:
 
     positions: torch.Tensor | None  # [B] long, -1 = leave the row alone
     mask: torch.Tensor | None  # [B, S] bool
-    batch: int
     per_device: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = field(
         default_factory=dict
     )
@@ -282,10 +281,14 @@ class SteeringHandle:
             pos = last_positions(real)
             if on is not None:
                 pos = torch.where(on, pos, torch.full_like(pos, -1))
-            self._call = _Call(positions=pos, mask=None, batch=b)
+            self._call = _Call(positions=pos, mask=None)
         elif (prefill and want_prefill) or (not prefill and want_decode):
             mask = real if on is None else real & on[:, None]
-            self._call = _Call(positions=None, mask=mask, batch=b)
+            if s == 1:  # one token per row (decoding): the cheaper per-row form
+                pos = torch.where(mask[:, 0], 0, -1)
+                self._call = _Call(positions=pos, mask=None)
+            else:
+                self._call = _Call(positions=None, mask=mask)
         else:
             self._call = None
 
