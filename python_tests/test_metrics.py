@@ -27,6 +27,10 @@ def test_wilson_interval_known_values() -> None:
     assert wilson_interval(0, 0) == (0.0, 1.0)
     with pytest.raises(ValueError):
         wilson_interval(3, 2)
+    for n in range(1, 120):  # the point estimate always lies inside its interval
+        for k in (0, n // 3, n):
+            lo, hi = wilson_interval(k, n)
+            assert lo <= k / n <= hi
 
 
 def test_accuracy_carries_count_and_interval() -> None:

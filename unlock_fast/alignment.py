@@ -483,21 +483,24 @@ class Alignment:
             et = self.target_basis[i].to(dev, f64)
             core = self.core[i].to(dev, f64)
             n = float(m.count)
-            gxx, gyy, gxy = m.gram("xx"), m.gram("yy"), m.gram("xy")
-            sx, sy = m.mean("x") * n, m.mean("y") * n
+            # Residual r_i = y_i - c_t - (x_i - c_s) T splits into its mean δ and the centred
+            # part, so SSE = n·|δ|² + tr(C_yy) - 2 tr(Tᵀ C_xy) + tr(Tᵀ C_xx T) with the centred
+            # held-out Grams C: no cancellation against the large activation means.
+            cxx = m.gram("xx", centered=True)
+            cyy = m.gram("yy", centered=True)
+            cxy = m.gram("xy", centered=True)
+            mx, my = m.mean("x"), m.mean("y")
             if self.centered:
                 assert self.source_mean is not None and self.target_mean is not None
                 cs, ct = self.source_mean[i].to(dev, f64), self.target_mean[i].to(dev, f64)
-                gaa = gxx - torch.outer(cs, sx) - torch.outer(sx, cs) + n * torch.outer(cs, cs)
-                gbb = gyy - torch.outer(ct, sy) - torch.outer(sy, ct) + n * torch.outer(ct, ct)
-                gab = gxy - torch.outer(cs, sy) - torch.outer(sx, ct) + n * torch.outer(cs, ct)
             else:
-                gaa, gbb, gab = gxx, gyy, gxy
-            cross = torch.trace(core.T @ (es.T @ gab @ et))
-            quad = torch.trace((es.T @ gaa @ es) @ core @ core.T)
-            sse = max(float(torch.trace(gbb) - 2 * cross + quad), 0.0)
-            total = float(torch.trace(gyy))
-            var = float(torch.trace(m.gram("yy", centered=True)))
+                cs, ct = torch.zeros_like(mx), torch.zeros_like(my)
+            delta = my - ct - (((mx - cs) @ es) @ core) @ et.T
+            cross = torch.trace(core.T @ (es.T @ cxy @ et))
+            quad = torch.trace((es.T @ cxx @ es) @ core @ core.T)
+            var = float(torch.trace(cyy))
+            sse = max(n * float(delta @ delta) + var - 2 * float(cross) + float(quad), 0.0)
+            total = var + n * float(my @ my)
             errs.append(math.sqrt(sse / total) if total > 0 else float("nan"))
             r2s.append(1.0 - sse / var if var > 0 else float("nan"))
         return AlignmentReport(

@@ -93,6 +93,35 @@ def _layers(text: str) -> list[int] | None:
     return out
 
 
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(
+            f"--threads must be auto or a positive integer, got {text!r}"
+        )
+    return v
+
+
+def _set_threads(threads: int | str) -> int:
+    """Apply --threads; returns the number of torch CPU threads in use."""
+    import torch
+
+    if threads == "auto":
+        cores = os.cpu_count() or 1
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):  # not on every platform
+            busy = 0.0
+        threads = max(1, min(torch.get_num_threads(), int(cores - busy + 0.5)))
+    torch.set_num_threads(int(threads))
+    return int(threads)
+
+
 def _chat(text: str) -> bool | str:
     v = text.lower()
     if v in ("auto",):
@@ -136,6 +165,14 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--seed", type=int, default=0, help="seed for problems and controls (default: 0)"
+    )
+    g.add_argument(
+        "--threads",
+        type=_threads,
+        default="auto",
+        help="CPU threads for torch: a number, or auto (all cores, fewer when the 1-minute "
+        "load average shows other work: oversubscribed threads slow a small model down "
+        "several times) (default: auto)",
     )
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -786,6 +823,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debug = args.debug or bool(os.environ.get("UNLOCK_FAST_DEBUG"))
     try:
+        if getattr(args, "threads", None) is not None:
+            _set_threads(args.threads)
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("unlock-fast: interrupted", file=sys.stderr)

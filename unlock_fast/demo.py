@@ -250,6 +250,7 @@ def _alpha_sweep(
 
 
 def _write(result: DemoResult, run: Any, out: Path) -> dict[str, Path]:
+    """Tables, per-item outputs and artifacts first, plots last."""
     from .evaluation.report import (
         plot_accuracy_vs_alpha,
         plot_key_cosine,
@@ -260,23 +261,20 @@ def _write(result: DemoResult, run: Any, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "items": result.evaluation.write_items(out / "items.jsonl"),
-        "plot_alpha": plot_accuracy_vs_alpha(
-            result.alpha_curves,
-            out / "accuracy_vs_alpha.png",
-            title="Accuracy vs alpha" + (" (held-out)" if result.config.alphas else " (test)"),
-        ),
-        "plot_rank": plot_r2_vs_rank(result.rank_sweep, out / "alignment_r2_vs_rank.png"),
-        "plot_cosine": plot_key_cosine(result.cosines, out / "key_cosine.png"),
+        "json": write_json(_payload(result), out / "report.json"),
+        "markdown": _write_markdown(result, out),
     }
     art = out / "artifacts"
     run.direction.save_pretrained(art / "direction")
     run.alignment.save_pretrained(art / "alignment")
     run.key.save_pretrained(art / "key")
     files["artifacts"] = art
-    files["json"] = out / "report.json"
-    files["markdown"] = out / "report.md"
-    _write_markdown(result, out)
-    write_json(_payload(result), files["json"])
+    title = "Accuracy vs alpha" + (" (held-out)" if result.config.alphas else " (test)")
+    files["plot_alpha"] = plot_accuracy_vs_alpha(
+        result.alpha_curves, out / "accuracy_vs_alpha.png", title=title
+    )
+    files["plot_rank"] = plot_r2_vs_rank(result.rank_sweep, out / "alignment_r2_vs_rank.png")
+    files["plot_cosine"] = plot_key_cosine(result.cosines, out / "key_cosine.png")
     return files
 
 
@@ -328,7 +326,15 @@ def _write_markdown(result: DemoResult, out: Path) -> Path:
     ]
     if result.timings:
         t = result.timings
-        lines += ["", "## Time", "", ", ".join(f"{k} {v:.0f} s" for k, v in t.items())]
+        import torch
+
+        lines += [
+            "",
+            "## Time",
+            "",
+            ", ".join(f"{k} {v:.0f} s" for k, v in t.items())
+            + f" ({torch.get_num_threads()} CPU threads)",
+        ]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     if result.timings and (out / "report.json").exists():

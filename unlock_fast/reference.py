@@ -70,9 +70,7 @@ def eigh_topk_reference(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return evals[order], fix_signs(evecs[:, order])
 
 
-def svd_topk_reference(
-    m: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def svd_topk_reference(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k singular triplets by a full SVD.
 
     m: [r, c]. Returns U [r, k], S [k] descending, Vh [k, c], signs fixed on the columns of

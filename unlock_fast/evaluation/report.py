@@ -143,8 +143,8 @@ def plot_accuracy_vs_alpha(
         xs = [a for a, *_ in pts]
         ys = [100 * acc for _, acc, _, _ in pts]
         err = [
-            [100 * (acc - lo) for _, acc, lo, _ in pts],
-            [100 * (hi - acc) for _, acc, _, hi in pts],
+            [max(0.0, 100 * (acc - lo)) for _, acc, lo, _ in pts],
+            [max(0.0, 100 * (hi - acc)) for _, acc, _, hi in pts],
         ]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
     if alphas:
