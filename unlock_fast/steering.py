@@ -202,7 +202,7 @@ class SteeringHandle:
         alpha: float,
         mode: str,
         positions: str,
-        blocks: nn.Module,
+        blocks: nn.ModuleList,
     ) -> None:
         self.model = model
         self.alpha = float(alpha)
@@ -267,7 +267,10 @@ class SteeringHandle:
             self._call = None
             return
         b, s = int(x.shape[0]), int(x.shape[1])
-        past = _cache_length(a.get("past_key_values"))
+        cache = a.get("past_key_values")
+        if cache is None:  # newer transformers name it ``cache``
+            cache = a.get("cache")
+        past = _cache_length(cache)
         am = a.get("attention_mask")
         if isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[0] == b:
             real = am[:, -s:].ne(0)
