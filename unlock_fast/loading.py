@@ -458,6 +458,12 @@ def _convert_gguf(resolved: ResolvedModel, dest: Path, progress: bool) -> None:
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    # The weights are dequantised now; newer transformers refuse to save a model that still
+    # carries its GGUF quantizer, so drop it and its config entry.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
