@@ -476,6 +476,21 @@ def _convert_gguf(resolved: ResolvedModel, dest: Path, progress: bool) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def _hf_progress(show: bool) -> Iterator[None]:
+    """Hide transformers' own progress bars (weight loading) unless ``show``."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not show and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
     import transformers
 
@@ -539,7 +554,8 @@ def load_model(
     kwargs: dict[str, Any] = _dtype_kwarg(torch_dtype)
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    with _hf_progress(progress):
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if device_map is None and dev.type != "cpu":
         model = model.to(dev)
     model.eval()
