@@ -278,3 +278,19 @@ def test_bad_option_values_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
             main(argv)
         assert e.value.code == 2
     capsys.readouterr()
+
+
+def test_demo_command_with_overrides(
+    models: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    code, stdout, _ = run(
+        ["demo", "--source", models["src"], "--target", models["tgt"], "--quick", "--n-test", "2",
+         "--max-new-tokens", "2", "--alphas", "0.1,0.2", "-o", str(out)],
+        capsys,
+    )  # fmt: skip
+    assert code == 0 and "# unlock-fast demo report" in stdout
+    cfg = json.loads((out / "report.json").read_text())["config"]
+    # --quick sizes, except what was given explicitly
+    assert (cfg["n_train"], cfg["n_test"], cfg["max_new_tokens"]) == (16, 2, 2)
+    assert cfg["alphas"] == [0.1, 0.2] and cfg["batch_size"] == 16

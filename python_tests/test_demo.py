@@ -65,7 +65,8 @@ def test_demo_plumbing_on_tiny_models(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "Evaluation on 3 test problems" in printed
     data = _check_report(tmp_path / "report", cfg)
     # the alpha sweep gives one point per alpha for the steered conditions
-    assert [a for a, *_ in data["alpha_curves"]["unlock"]] == [0.1, 0.5]
+    assert [a for a, *_ in data["alpha_curves"]["accuracy"]["unlock"]] == [0.1, 0.5]
+    assert [a for a, *_ in data["alpha_curves"]["steps"]["cot"]] == [0.0]
     assert result.cosines.num_random == 20
 
 
@@ -87,5 +88,9 @@ def test_demo_end_to_end_on_shipped_models(tmp_path: Path) -> None:
     data = _check_report(tmp_path / "report", QUICK)
     assert data["config"]["source"] == "smollm2-135m-instruct"
     assert len(data["alignment_diagnostics"]["r2"]) == 18  # every Gemma-3-270M layer
-    # a real alignment explains a good share of held-out variance somewhere in the depth
-    assert max(result.diagnostics.r2) > 0.2
+    # the map predicts held-out Target activations far better than predicting zero
+    assert max(result.diagnostics.rel_error) < 0.9
+    # steering reached the real model: the steered outputs differ from the unsteered ones
+    base = [it.output for it in result.evaluation.conditions["baseline"].items]
+    steered = [it.output for it in result.evaluation.conditions["unlock"].items]
+    assert base != steered

@@ -29,6 +29,18 @@ _EPILOG_MODELS = (
 )
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only for defaults worth reading (not None, False or a help text
+    that already names its default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default is None or action.default is False
+        if quiet or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        return super()._get_help_string(action) or text
+
+
 class UsageError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit status 2."""
 
@@ -154,8 +166,8 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--batch-size",
         type=_positive_int,
-        default=8,
-        help="prompts per forward / generate batch (default: 8)",
+        default=None,
+        help="prompts per forward / generate batch (default: 8; demo: 16)",
     )
     g.add_argument(
         "--cache-dir",
@@ -163,16 +175,14 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
         help="where converted GGUF weights are kept (default: ~/.cache/unlock-fast "
         "or $UNLOCK_FAST_CACHE)",
     )
-    g.add_argument(
-        "--seed", type=int, default=0, help="seed for problems and controls (default: 0)"
-    )
+    g.add_argument("--seed", type=int, default=0, help="seed for problems and controls")
     g.add_argument(
         "--threads",
         type=_threads,
         default="auto",
         help="CPU threads for torch: a number, or auto (all cores, fewer when the 1-minute "
         "load average shows other work: oversubscribed threads slow a small model down "
-        "several times) (default: auto)",
+        "several times)",
     )
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -228,7 +238,7 @@ def _add_data(p: argparse.ArgumentParser, n_default: int, n_help: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _Formatter
     parser = argparse.ArgumentParser(
         prog="unlock-fast",
         description="Training-free capability transfer between language models (UNLOCK): "
@@ -254,26 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from .demo import DEFAULTS, QUICK
 
+    d, q = DEFAULTS, QUICK
     p.add_argument("--out", "-o", default="unlock-fast-report", help="report folder")
-    p.add_argument("--source", default=DEFAULTS.source, help="Source model")
-    p.add_argument("--target", default=DEFAULTS.target, help="Target model")
-    p.add_argument(
-        "--n-train",
-        type=_positive_int,
-        default=DEFAULTS.n_train,
-        help="problems for the direction and the alignment (N)",
-    )
-    p.add_argument(
-        "--n-heldout",
-        type=_positive_int,
-        default=DEFAULTS.n_heldout,
-        help="held-out problems for diagnostics and the Target's own direction",
-    )
-    p.add_argument(
-        "--n-test", type=_positive_int, default=DEFAULTS.n_test, help="test problems per condition"
-    )
-    p.add_argument("--rank", type=_positive_int, default=DEFAULTS.rank, help="alignment rank k")
-    p.add_argument("--alpha", type=float, default=DEFAULTS.alpha, help="steering strength")
+    p.add_argument("--source", default=d.source, help="Source model")
+    p.add_argument("--target", default=d.target, help="Target model")
+    for flag, typ, value, text in [
+        ("--n-train", _positive_int, d.n_train, "problems for the direction and alignment (N)"),
+        ("--n-heldout", _positive_int, d.n_heldout,
+         "held-out problems for the diagnostics and the Target's own CoT direction"),
+        ("--n-test", _positive_int, d.n_test, "test problems per condition"),
+        ("--rank", _positive_int, d.rank, "alignment rank k"),
+        ("--alpha", float, d.alpha, "steering strength"),
+        ("--max-new-tokens", _positive_int, d.max_new_tokens, "generation budget per answer"),
+    ]:  # fmt: skip
+        p.add_argument(flag, type=typ, default=None, help=f"{text} (default: {value})")
     p.add_argument(
         "--alphas",
         type=_float_list,
@@ -282,17 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
         "for the accuracy-vs-alpha plot, e.g. 0.05,0.1,0.2,0.5",
     )
     p.add_argument(
-        "--max-new-tokens",
-        type=_positive_int,
-        default=DEFAULTS.max_new_tokens,
-        help="generation budget per answer",
-    )
-    p.add_argument(
         "--quick",
         action="store_true",
-        help=f"reduced size for CI: {QUICK.n_train} train, {QUICK.n_heldout} "
-        f"held-out, {QUICK.n_test} test problems, {QUICK.max_new_tokens} "
-        "new tokens",
+        help=f"reduced size for CI: {q.n_train} train, {q.n_heldout} held-out, {q.n_test} "
+        f"test problems, rank {q.rank}, {q.max_new_tokens} new tokens; options given "
+        "explicitly still win",
     )
     _add_runtime(p)
 
@@ -757,25 +755,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEFAULTS, QUICK, DemoConfig, run_demo
+    from dataclasses import replace
 
-    base = QUICK if args.quick else DEFAULTS
-    explicit = {
+    from .demo import DEFAULTS, QUICK, run_demo
+
+    chosen = {
         k: getattr(args, k)
-        for k in ("n_train", "n_heldout", "n_test", "max_new_tokens", "rank", "alpha")
-        if getattr(args, k) != getattr(DEFAULTS, k)
-    }
-    cfg = DemoConfig(
-        **{
-            **base.__dict__,
-            **explicit,
-            "source": args.source,
-            "target": args.target,
-            "alphas": tuple(args.alphas) if args.alphas else base.alphas,
-            "batch_size": args.batch_size if args.batch_size != 8 else base.batch_size,
-            "seed": args.seed,
-        }
-    )
+        for k in ("n_train", "n_heldout", "n_test", "rank", "alpha", "max_new_tokens",
+                  "batch_size")
+        if getattr(args, k) is not None
+    }  # fmt: skip
+    if args.alphas:
+        chosen["alphas"] = tuple(args.alphas)
+    cfg = replace(
+        QUICK if args.quick else DEFAULTS,
+        source=args.source, target=args.target, seed=args.seed, **chosen,
+    )  # fmt: skip
     run_demo(
         cfg,
         out=args.out,
@@ -823,6 +818,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debug = args.debug or bool(os.environ.get("UNLOCK_FAST_DEBUG"))
     try:
+        if getattr(args, "batch_size", 0) is None and args.command != "demo":
+            args.batch_size = 8
         if getattr(args, "threads", None) is not None:
             _set_threads(args.threads)
         return _COMMANDS[args.command](args)

@@ -62,7 +62,7 @@ class DemoResult:
     cosines: Any
     rank_sweep: dict[int, Any]
     evaluation: Any
-    alpha_curves: dict[str, list[tuple[float, float, float, float]]]
+    alpha_curves: dict[str, dict[str, list[tuple[float, float, float, float]]]]
     timings: dict[str, float]
     files: dict[str, Path]
 
@@ -198,37 +198,41 @@ def run_demo(
     return result
 
 
-def _alpha_curves(
-    evaluation: Any, alpha: float
-) -> dict[str, list[tuple[float, float, float, float]]]:
-    curves: dict[str, list[tuple[float, float, float, float]]] = {}
+Point = tuple[float, float, float, float]  # (alpha, rate, ci_low, ci_high)
+Curves = dict[str, dict[str, list[Point]]]  # "accuracy" / "steps" -> condition -> points
+
+
+def _points(cond: Any, alpha: float) -> tuple[Point, Point]:
+    from .evaluation.metrics import accuracy
+
+    acc = cond.accuracy
+    steps = accuracy([it.shows_steps for it in cond.items])
+    return (alpha, acc.value, acc.low, acc.high), (alpha, steps.value, steps.low, steps.high)
+
+
+def _alpha_curves(evaluation: Any, alpha: float) -> Curves:
+    curves: Curves = {"accuracy": {}, "steps": {}}
     for name, cond in evaluation.conditions.items():
-        a = cond.accuracy
-        x = alpha if name in ("unlock", "random") else 0.0
-        curves[cond.name] = [(x, a.value, a.low, a.high)]
+        acc, steps = _points(cond, alpha if name in ("unlock", "random") else 0.0)
+        curves["accuracy"][name] = [acc]
+        curves["steps"][name] = [steps]
     return curves
 
 
 def _alpha_sweep(
     model: Any, tok: Any, items: Any, key: Any, cfg: DemoConfig, progress: bool
-) -> Any:
+) -> Curves:
+    """Baseline and CoT once, UNLOCK and the random control at every alpha."""
     from .evaluation.runner import evaluate_conditions, random_key_like
 
-    rkey = random_key_like(key, seed=cfg.seed)
-    curves: dict[str, list[tuple[float, float, float, float]]] = {}
-    base = evaluate_conditions(
-        model,
-        tok,
-        items,
-        conditions=("baseline", "cot"),
+    common = dict(
         chat=cfg.target_chat,
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         progress=progress,
     )
-    for name, cond in base.conditions.items():
-        a = cond.accuracy
-        curves[name] = [(0.0, a.value, a.low, a.high)]
+    rkey = random_key_like(key, seed=cfg.seed)
+    runs = [(0.0, evaluate_conditions(model, tok, items, conditions=("baseline", "cot"), **common))]
     for alpha in cfg.alphas:
         res = evaluate_conditions(
             model,
@@ -238,14 +242,15 @@ def _alpha_sweep(
             random_key=rkey,
             alpha=alpha,
             conditions=("unlock", "random"),
-            chat=cfg.target_chat,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.batch_size,
-            progress=progress,
+            **common,
         )
+        runs.append((float(alpha), res))
+    curves: Curves = {"accuracy": {}, "steps": {}}
+    for alpha, res in runs:
         for name, cond in res.conditions.items():
-            a = cond.accuracy
-            curves.setdefault(name, []).append((float(alpha), a.value, a.low, a.high))
+            acc, steps = _points(cond, alpha)
+            curves["accuracy"].setdefault(name, []).append(acc)
+            curves["steps"].setdefault(name, []).append(steps)
     return curves
 
 
@@ -271,7 +276,10 @@ def _write(result: DemoResult, run: Any, out: Path) -> dict[str, Path]:
     files["artifacts"] = art
     title = "Accuracy vs alpha" + (" (held-out)" if result.config.alphas else " (test)")
     files["plot_alpha"] = plot_accuracy_vs_alpha(
-        result.alpha_curves, out / "accuracy_vs_alpha.png", title=title
+        result.alpha_curves["accuracy"],
+        out / "accuracy_vs_alpha.png",
+        step_curves=result.alpha_curves["steps"],
+        title=title,
     )
     files["plot_rank"] = plot_r2_vs_rank(result.rank_sweep, out / "alignment_r2_vs_rank.png")
     files["plot_cosine"] = plot_key_cosine(result.cosines, out / "key_cosine.png")

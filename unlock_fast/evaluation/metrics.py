@@ -80,10 +80,11 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
 
 @dataclass(frozen=True)
 class PairedComparison:
-    """Condition ``b`` against condition ``a`` on the same items.
+    """Condition ``b`` against condition ``a`` on the same items, for one yes/no outcome
+    (answer correct, or output shows steps).
 
-    ``diff`` is acc(b) - acc(a) with a 95% interval; ``only_a``/``only_b`` count the items
-    that only one condition got right; ``p_value`` is the exact McNemar test.
+    ``diff`` is rate(b) - rate(a) with a 95% interval; ``only_a``/``only_b`` count the items
+    where only one condition has the outcome; ``p_value`` is the exact McNemar test.
     """
 
     a: str
@@ -102,17 +103,18 @@ class PairedComparison:
 
     @property
     def verdict(self) -> str:
-        pts = f"{100 * self.diff:+.1f} pts [{100 * self.low:+.1f}, {100 * self.high:+.1f}]"
-        detail = (
-            f"{pts}, p={self.p_value:.2g}; {self.only_b} items only {self.b} got right, "
-            f"{self.only_a} only {self.a}"
-        )
+        """One line: the difference, its interval and p-value, and plainly whether it is noise."""
         if self.n == 0:
             return "no items to compare"
+        head = (
+            f"{self.b} vs {self.a}: {100 * self.diff:+.1f} pts "
+            f"[{100 * self.low:+.1f}, {100 * self.high:+.1f}], McNemar p={self.p_value:.2g} "
+            f"({self.only_b} items for {self.b} only, {self.only_a} for {self.a} only)"
+        )
         if not self.significant:
-            return f"{self.b} vs {self.a}: {detail}: within noise (no significant difference)"
-        word = "better" if self.diff > 0 else "worse"
-        return f"{self.b} vs {self.a}: {detail}: {self.b} is {word} (p < 0.05)"
+            return f"{head}: within noise"
+        word = "higher" if self.diff > 0 else "lower"
+        return f"{head}: {self.b} is {word} (p < 0.05)"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "significant": self.significant, "verdict": self.verdict}

@@ -45,9 +45,10 @@ def condition_table(result: EvaluationResult) -> str:
             f"{100 * acc.high:.1f}] | {acc.n} | {c.mean_tokens:.1f} | {_fmt_pct(c.step_rate)} "
             f"| {_fmt_pct(c.answered_rate)} |"
         )
-    lines.append("")
-    for comp in result.comparisons():
-        lines.append(f"- {comp.verdict}")
+    lines += ["", "Accuracy, paired on the same items:", ""]
+    lines += [f"- {comp.verdict}" for comp in result.comparisons()]
+    lines += ["", "Outputs that show intermediate steps, paired on the same items:", ""]
+    lines += [f"- {comp.verdict}" for comp in result.comparisons("shows_steps")]
     return "\n".join(lines)
 
 
@@ -123,39 +124,63 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def plot_accuracy_vs_alpha(
-    curves: Mapping[str, Sequence[tuple[float, float, float, float]]],
-    path: str | os.PathLike[str],
-    *,
-    title: str = "Accuracy vs steering strength",
-) -> Path:
-    """``curves``: condition -> [(alpha, accuracy, ci_low, ci_high), ...]; a condition with
-    one point at alpha 0 (unsteered) is drawn as a horizontal line with its band."""
-    fig, ax = _figure()
+_COLORS = {"baseline": "tab:gray", "cot": "tab:green", "unlock": "tab:blue", "random": "tab:orange"}
+
+Curve = Sequence[tuple[float, float, float, float]]  # (alpha, rate, ci_low, ci_high)
+
+
+def _draw_rates(ax: Any, curves: Mapping[str, Curve], ylabel: str) -> None:
     alphas = sorted({a for pts in curves.values() for a, *_ in pts if a > 0})
     for name, pts in curves.items():
         pts = sorted(pts)
-        if len(pts) == 1 and pts[0][0] == 0 and alphas:
-            _, acc, lo, hi = pts[0]
-            line = ax.axhline(100 * acc, linestyle="--", linewidth=1.2, label=name)
+        color = _COLORS.get(name)
+        if len(pts) == 1 and pts[0][0] == 0 and alphas:  # unsteered: a line with its band
+            _, val, lo, hi = pts[0]
+            line = ax.axhline(100 * val, linestyle="--", linewidth=1.2, label=name, color=color)
             ax.axhspan(100 * lo, 100 * hi, alpha=0.08, color=line.get_color())
             continue
         xs = [a for a, *_ in pts]
-        ys = [100 * acc for _, acc, _, _ in pts]
+        ys = [100 * v for _, v, _, _ in pts]
         err = [
-            [max(0.0, 100 * (acc - lo)) for _, acc, lo, _ in pts],
-            [max(0.0, 100 * (hi - acc)) for _, acc, _, hi in pts],
+            [max(0.0, 100 * (v - lo)) for _, v, lo, _ in pts],
+            [max(0.0, 100 * (hi - v)) for _, v, _, hi in pts],
         ]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name, color=color)
     if alphas:
         ax.set_xscale("log")
+        ax.set_xlim(min(alphas) / 1.6, max(alphas) * 1.6)
         ax.set_xticks(alphas)
         ax.set_xticklabels([f"{a:g}" for a in alphas])
+        ax.minorticks_off()
     ax.set_xlabel("alpha (steering strength)")
-    ax.set_ylabel("accuracy (%) with 95% CI")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def plot_accuracy_vs_alpha(
+    curves: Mapping[str, Curve],
+    path: str | os.PathLike[str],
+    *,
+    step_curves: Mapping[str, Curve] | None = None,
+    title: str = "Accuracy vs steering strength",
+) -> Path:
+    """``curves``: condition -> [(alpha, accuracy, ci_low, ci_high), ...]. A condition with one
+    point at alpha 0 (unsteered) is drawn as a horizontal line with its band. With
+    ``step_curves`` (same form, share of outputs showing steps) a second panel is added."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = 2 if step_curves else 1
+    fig = Figure(figsize=(6.0 * panels, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, panels, 1)
+    _draw_rates(ax, curves, "accuracy (%) with 95% CI")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    if step_curves:
+        ax2 = fig.add_subplot(1, panels, 2)
+        _draw_rates(ax2, step_curves, "outputs showing steps (%) with 95% CI")
+        ax2.set_title("Intermediate steps vs alpha")
     return _save(fig, path)
 
 
@@ -213,6 +238,7 @@ def plot_key_cosine(cosines: Any, path: str | os.PathLike[str]) -> Path:
         label="random in Target space (95%)",
     )
     ax.plot(xs, cosines.cosine, marker="o", color="tab:blue", label="transferred key")
+    ax.set_xticks(xs if len(xs) <= 24 else xs[:: max(1, len(xs) // 12)])
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xlabel("Target layer")
     ax.set_ylabel("cosine with Target's own CoT direction")

@@ -235,15 +235,18 @@ class EvaluationResult:
     conditions: dict[str, ConditionResult]
     settings: dict[str, Any] = field(default_factory=dict)
 
-    def comparisons(self) -> list[PairedComparison]:
-        """Each condition against the baseline, and UNLOCK against the random control."""
+    def comparisons(self, outcome: str = "correct") -> list[PairedComparison]:
+        """Each condition against the baseline, and UNLOCK against the random control, on
+        ``outcome``: ``"correct"`` (accuracy) or ``"shows_steps"``."""
+        if outcome not in ("correct", "shows_steps"):
+            raise ValueError(f"outcome must be 'correct' or 'shows_steps', got {outcome!r}")
         out = []
         base = self.conditions.get("baseline")
         for name, cond in self.conditions.items():
             if base is not None and name != "baseline":
-                out.append(_compare(base, cond))
+                out.append(_compare(base, cond, outcome))
         if "unlock" in self.conditions and "random" in self.conditions:
-            out.append(_compare(self.conditions["random"], self.conditions["unlock"]))
+            out.append(_compare(self.conditions["random"], self.conditions["unlock"], outcome))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -251,6 +254,7 @@ class EvaluationResult:
             "settings": self.settings,
             "conditions": [c.summary() for c in self.conditions.values()],
             "comparisons": [c.to_dict() for c in self.comparisons()],
+            "step_comparisons": [c.to_dict() for c in self.comparisons("shows_steps")],
         }
 
     def write_items(self, path: str | os.PathLike[str]) -> Path:
@@ -264,9 +268,9 @@ class EvaluationResult:
         return p
 
 
-def _compare(a: ConditionResult, b: ConditionResult) -> PairedComparison:
-    va = {it.id: it.correct for it in a.items}
-    vb = {it.id: it.correct for it in b.items}
+def _compare(a: ConditionResult, b: ConditionResult, outcome: str) -> PairedComparison:
+    va = {it.id: bool(getattr(it, outcome)) for it in a.items}
+    vb = {it.id: bool(getattr(it, outcome)) for it in b.items}
     ids = [i for i in va if i in vb]
     return paired_comparison(
         [va[i] for i in ids], [vb[i] for i in ids], name_a=a.name, name_b=b.name
