@@ -336,12 +336,13 @@ def _write_markdown(result: DemoResult, out: Path) -> Path:
         t = result.timings
         import torch
 
+        threads = torch.get_num_threads()
         lines += [
             "",
             "## Time",
             "",
             ", ".join(f"{k} {v:.0f} s" for k, v in t.items())
-            + f" ({torch.get_num_threads()} CPU threads)",
+            + f" ({threads} CPU thread{'s' if threads > 1 else ''})",
         ]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -109,7 +109,7 @@ class PairedComparison:
         head = (
             f"{self.b} vs {self.a}: {100 * self.diff:+.1f} pts "
             f"[{100 * self.low:+.1f}, {100 * self.high:+.1f}], McNemar p={self.p_value:.2g} "
-            f"({self.only_b} items for {self.b} only, {self.only_a} for {self.a} only)"
+            f"(items where only one has it: {self.b} {self.only_b}, {self.a} {self.only_a})"
         )
         if not self.significant:
             return f"{head}: within noise"
