@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved, machine, print_table, write_json  # noqa: E402
+from common import interleaved, machine, parse_args, print_table, write_json  # noqa: E402
 
 from unlock_fast import ops  # noqa: E402
 
@@ -83,27 +83,17 @@ def dense_path(d: int, k: int, p: int, q: int, device: str) -> bool:
     return ops._core_module().rsvd_plan(True, d, d, k, p, q, 0, device == "cuda")[1]
 
 
-def parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d", type=int, default=4096)
     p.add_argument("--n", type=int, default=0, help="rows of X (default: d)")
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--target", type=float, default=1e-3, help="eigenvalue relative error")
     p.add_argument("--oversample", type=int, nargs="+", default=[10, 32, 64, 128])
     p.add_argument("--max-iter", type=int, default=12, help="most n_iter in the sweep")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/)")
-    p.add_argument("--quick", action="store_true", help="d=512, k=32: a smoke run")
-    p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch and unlock_fast alike"
-    )
-    args = p.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda, but no GPU is visible")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-        ops._core_module().set_num_threads(args.threads)
+
+
+def parse() -> argparse.Namespace:
+    args = parse_args(__doc__.split("\n\n")[0], repeats=3, extra=_options)
     if args.quick:
         args.d, args.k = 512, 32
     return args

@@ -23,11 +23,21 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def parse_args(description: str, *, repeats: int, warmup: int) -> argparse.Namespace:
+def parse_args(
+    description: str,
+    *,
+    repeats: int,
+    warmup: int | None = None,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The options every benchmark shares; ``extra`` adds a benchmark's own."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=repeats, help="timed rounds (median)")
-    p.add_argument("--warmup", type=int, default=warmup, help="untimed rounds first")
+    if warmup is not None:
+        p.add_argument("--warmup", type=int, default=warmup, help="untimed rounds first")
+    if extra is not None:
+        extra(p)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/)")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument(
