@@ -80,7 +80,7 @@ def run_eigh(gram: torch.Tensor, k: int) -> Result:
 
 def dense_path(d: int, k: int, p: int, q: int, device: str) -> bool:
     """Whether eigh_topk takes its dense path for these arguments."""
-    return ops._core_module().rsvd_plan(True, d, d, k, p, q, 0, device == "cuda")[1]
+    return ops.core.core_module().rsvd_plan(True, d, d, k, p, q, 0, device == "cuda")[1]
 
 
 def _options(p: argparse.ArgumentParser) -> None:

@@ -50,7 +50,7 @@ def parse_args(
         from unlock_fast import ops
 
         torch.set_num_threads(args.threads)
-        ops._core_module().set_num_threads(args.threads)
+        ops.core.core_module().set_num_threads(args.threads)
     return args
 
 
@@ -112,7 +112,7 @@ def machine(device: str) -> dict[str, Any]:
     try:
         from unlock_fast import ops
 
-        core = ops._core_module()
+        core = ops.core.core_module()
         info.update(
             unlock_threads=core.num_threads(), blas=core.blas, cuda_compiled=core.cuda_compiled
         )

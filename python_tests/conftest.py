@@ -9,6 +9,7 @@ not parametrise it itself runs once per device; CUDA cases carry the ``cuda`` ma
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def available_devices() -> list[str]:
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def pytest_configure() -> None:
     for dev in available_devices():
         if dev not in ("cpu", "cuda"):
             raise pytest.UsageError(f"UNLOCK_TEST_DEVICE: unknown device {dev!r}")
@@ -62,3 +63,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def tolerances() -> dict[torch.dtype, dict[str, float]]:
     """The tolerance table per dtype (atol/rtol for torch.testing.assert_close)."""
     return TOLERANCES
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for the tests of a module, restored afterwards. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

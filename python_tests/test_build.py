@@ -11,7 +11,7 @@ import torch
 import unlock_fast
 from unlock_fast import ops
 
-core = ops._core_module()
+core = ops.core.core_module()
 
 
 def test_backends_report_the_build():
@@ -20,7 +20,8 @@ def test_backends_report_the_build():
     assert isinstance(core.cuda_compiled, bool)
     if core.cuda_compiled:
         archs = core.cuda_architectures.split(",")
-        assert archs and all(a.strip() for a in archs)
+        assert archs
+        assert all(a.strip() for a in archs)
     else:
         assert core.cuda_architectures == ""
 
@@ -50,9 +51,24 @@ def test_cuda_entry_points_name_the_missing_backend(name):
     reason="needs a GPU and a build without the CUDA backend",
 )
 def test_cuda_tensors_never_take_the_cpu_path():
+    # every input on the GPU and valid, so the only error left is the missing backend
+    # (an input on another device would raise ValueError first)
+    missing = "built without the CUDA backend"
     h = torch.zeros(1, 1, 4, device="cuda")
-    with pytest.raises(RuntimeError, match="built without the CUDA backend"):
-        ops.steer_(h, torch.ones(4, device="cuda"), 0.1, positions=torch.zeros(1, 1).long()[0])
+    vec = torch.ones(4, device="cuda")
+    with pytest.raises(RuntimeError, match=missing):
+        ops.steer_(h, vec, 0.1, positions=torch.zeros(1, dtype=torch.long, device="cuda"))
+    with pytest.raises(RuntimeError, match=missing):
+        ops.steer_(h, vec, 0.1, mask=torch.ones(1, 1, dtype=torch.bool, device="cuda"))
+    x = torch.ones(3, 4, device="cuda")
+    shift, total = torch.zeros(4, device="cuda"), torch.zeros(4, device="cuda")
+    gram = torch.zeros(4, 4, device="cuda")
+    with pytest.raises(RuntimeError, match=missing):
+        ops.moments_accumulate_(x, None, None, shift, None, total, None, gram, None, None)
+    with pytest.raises(RuntimeError, match=missing):
+        ops.eigh_topk(torch.eye(4, device="cuda"), 2)
+    with pytest.raises(RuntimeError, match=missing):
+        ops.svd_topk(torch.ones(4, 3, device="cuda"), 2)
 
 
 def test_stub_lists_every_public_name():

@@ -79,7 +79,8 @@ def test_transfer_generate_evaluate(
     for sub in ("direction", "alignment", "key"):
         assert (out / sub / "unlock.json").is_file()
     diag = json.loads((out / "diagnostics.json").read_text())
-    assert len(diag["r2"]) == 4 and diag["num_rows"] == 4
+    assert len(diag["r2"]) == 4
+    assert diag["num_rows"] == 4
     assert "centred R²" in stdout
 
     code, stdout, _ = run(
@@ -102,7 +103,8 @@ def test_transfer_generate_evaluate(
         capsys,
     )
     assert code == 0
-    assert stdout.count("--- steered (alpha=0.5)") == 2 and stdout.count("--- unsteered") == 2
+    assert stdout.count("--- steered (alpha=0.5)") == 2
+    assert stdout.count("--- unsteered") == 2
 
     rep = tmp_path / "eval"
     code, stdout, _ = run(
@@ -126,9 +128,8 @@ def test_transfer_generate_evaluate(
     assert [c["condition"] for c in data["conditions"]] == ["baseline", "cot", "unlock", "random"]
     assert all(c["accuracy"]["n"] == 5 for c in data["conditions"])
     items = (rep / "items.jsonl").read_text().splitlines()
-    assert len(items) == 20 and {"prompt", "output", "extracted", "correct"} <= set(
-        json.loads(items[0])
-    )
+    assert len(items) == 20
+    assert {"prompt", "output", "extracted", "correct"} <= set(json.loads(items[0]))
     assert "random vs baseline" in stdout
 
 
@@ -151,9 +152,12 @@ def test_extract_and_align(
         ],
         capsys,
     )
-    assert code == 0 and "2 layers x 32" in stdout
+    assert code == 0
+    assert "2 layers x 32" in stdout
     meta = json.loads((tmp_path / "d" / "unlock.json").read_text())
-    assert meta["kind"] == "direction" and meta["layers"] == [0, 1] and meta["method"] == "pca"
+    assert meta["kind"] == "direction"
+    assert meta["layers"] == [0, 1]
+    assert meta["method"] == "pca"
 
     code, stdout, _ = run(
         [
@@ -174,9 +178,11 @@ def test_extract_and_align(
         ],
         capsys,
     )
-    assert code == 0 and "rank 3" in stdout
+    assert code == 0
+    assert "rank 3" in stdout
     meta = json.loads((tmp_path / "a" / "unlock.json").read_text())
-    assert meta["kind"] == "alignment" and meta["centered"] is True
+    assert meta["kind"] == "alignment"
+    assert meta["centered"] is True
 
 
 def test_grid_search_selects_on_heldout(
@@ -211,11 +217,14 @@ def test_grid_search_selects_on_heldout(
         ],
         capsys,
     )
-    assert code == 0 and "selected on held-out" in stdout
+    assert code == 0
+    assert "selected on held-out" in stdout
     data = json.loads((rep / "report.json").read_text())
     assert len(data["points"]) == 2 * 2 * 2
     sel = data["selected"]
-    assert sel["rank"] in (2, 4) and sel["alpha"] in (0.1, 0.5) and sel["n"] in (3, 5)
+    assert sel["rank"] in (2, 4)
+    assert sel["alpha"] in (0.1, 0.5)
+    assert sel["n"] in (3, 5)
     assert [c["condition"] for c in data["test"]["conditions"]] == ["baseline", "unlock"]
     assert "held-out" in data["note"]
 
@@ -253,8 +262,10 @@ def test_user_mistakes_are_one_line(
     code, _, err = run(argv, capsys)
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err
-    assert message in lines[0] and lines[0].startswith(f"unlock-fast {argv[0]}: error:")
+    assert len(lines) == 1
+    assert "Traceback" not in err
+    assert message in lines[0]
+    assert lines[0].startswith(f"unlock-fast {argv[0]}: error:")
 
 
 def test_key_for_another_model_is_refused(
@@ -265,7 +276,9 @@ def test_key_for_another_model_is_refused(
     code, _, err = run(
         ["generate", "-m", models["tgt"], "--key", str(tmp_path / "d"), "-p", "x"], capsys
     )
-    assert code == 2 and "hidden size" in err and "Traceback" not in err
+    assert code == 2
+    assert "hidden size" in err
+    assert "Traceback" not in err
 
 
 def test_bad_option_values_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -289,8 +302,10 @@ def test_demo_command_with_overrides(
          "--max-new-tokens", "2", "--alphas", "0.1,0.2", "-o", str(out)],
         capsys,
     )  # fmt: skip
-    assert code == 0 and "# unlock-fast demo report" in stdout
+    assert code == 0
+    assert "# unlock-fast demo report" in stdout
     cfg = json.loads((out / "report.json").read_text())["config"]
     # --quick sizes, except what was given explicitly
     assert (cfg["n_train"], cfg["n_test"], cfg["max_new_tokens"]) == (16, 2, 2)
-    assert cfg["alphas"] == [0.1, 0.2] and cfg["batch_size"] == 16
+    assert cfg["alphas"] == [0.1, 0.2]
+    assert cfg["batch_size"] == 16

@@ -32,7 +32,9 @@ def _check_report(out: Path, cfg: DemoConfig) -> dict:
     for art in ("direction", "alignment", "key"):
         assert (out / "artifacts" / art / "unlock.json").is_file()
     md = (out / "report.md").read_text()
-    assert "centred R²" in md and "UNLOCK" in md and "## Time" in md
+    assert "centred R²" in md
+    assert "UNLOCK" in md
+    assert "## Time" in md
     assert len((out / "items.jsonl").read_text().splitlines()) == 4 * cfg.n_test
     return data
 

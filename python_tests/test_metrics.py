@@ -25,7 +25,7 @@ def test_wilson_interval_known_values() -> None:
     assert wilson_interval(0, 10)[0] == 0.0
     assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
     assert wilson_interval(0, 0) == (0.0, 1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"need 0 <= k <= n, got k=3, n=2"):
         wilson_interval(3, 2)
     for n in range(1, 120):  # the point estimate always lies inside its interval
         for k in (0, n // 3, n):
@@ -62,7 +62,8 @@ def test_paired_comparison_significant() -> None:
     a = [False] * 30
     b = [True] * 12 + [False] * 18
     comp = paired_comparison(a, b, name_a="baseline", name_b="cot")
-    assert comp.significant and comp.low > 0
+    assert comp.significant
+    assert comp.low > 0
     assert comp.verdict.endswith("cot is higher (p < 0.05)")
     with pytest.raises(ValueError, match="equal length"):
         paired_comparison([True], [True, False])
@@ -71,7 +72,8 @@ def test_paired_comparison_significant() -> None:
 def test_mean_and_rate() -> None:
     assert mean([1, 2, 3]) == 2
     assert rate([True, False, False, True]) == 0.5
-    assert math.isnan(mean([])) and math.isnan(rate([]))
+    assert math.isnan(mean([]))
+    assert math.isnan(rate([]))
 
 
 def test_report_tables_and_plots(tmp_path: Path) -> None:
@@ -99,7 +101,8 @@ def test_report_tables_and_plots(tmp_path: Path) -> None:
         }
     )
     table = condition_table(res)
-    assert "| Target, UNLOCK | 50.0% [" in table and "within noise" in table
+    assert "| Target, UNLOCK | 50.0% [" in table
+    assert "within noise" in table
     payload = res.to_dict()
     assert payload["conditions"][1]["accuracy"]["correct"] == 3
     path = write_json(payload, tmp_path / "r.json")

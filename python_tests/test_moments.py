@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -103,7 +104,8 @@ def test_strided_inputs_are_handled(device):
     base = torch.randn(40, 30, generator=g).to(device)
     x = base.T[:14, ::2]  # [14, 20], strides (1, 60): transposed and strided
     y = base[::3, 5:12]  # [14, 7], rows 90 elements apart
-    assert not x.is_contiguous() and not y.is_contiguous()
+    assert not x.is_contiguous()
+    assert not y.is_contiguous()
     sx = torch.zeros(x.shape[1], device=device)
     sy = torch.zeros(y.shape[1], device=device)
     w = torch.rand(40, generator=g).to(device)[::3][: y.shape[0]]  # strided weights too
@@ -164,9 +166,9 @@ def test_invalid_inputs_are_rejected():
         accumulate(x, None, torch.ones(5, dtype=torch.long), sx, None, st_x)
     with pytest.raises(TypeError, match="x must be a torch.Tensor, a NumPy array or a CuPy"):
         accumulate([[1.0] * 4], None, None, sx, None, st_x)
+    frozen = np.zeros(4, np.float32)
+    frozen.flags.writeable = False
     with pytest.raises(ValueError, match="sum_x is a read-only NumPy array"):
-        frozen = np.zeros(4, np.float32)
-        frozen.flags.writeable = False
         ops.moments_accumulate_(x, None, None, sx, None, frozen, None, st_x["gram_xx"], None, None)
     with pytest.raises(ValueError, match="unsupported device meta"):
         accumulate(x.to("meta"), None, None, sx.to("meta"), None, make_state(4, 0, "meta"))
@@ -181,7 +183,145 @@ def test_negative_weights_rejected_before_any_change():
     w = torch.tensor([1.0, 2.0, -0.5, 1.0, 1.0])
     with pytest.raises(ValueError, match=r"weight\[2\] = -0.5"):
         accumulate(x, None, w, torch.zeros(4), None, st)
-    assert float(st["sum_x"].abs().sum()) == 0.0 and float(st["gram_xx"].abs().sum()) == 0.0
+    assert float(st["sum_x"].abs().sum()) == 0.0
+    assert float(st["gram_xx"].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_rejected_before_any_change(bad):
+    x = torch.randn(5, 4)
+    st = make_state(4, 0, "cpu")
+    w = torch.tensor([1.0, 1.0, 1.0, bad, 1.0])
+    with pytest.raises(ValueError, match=rf"finite and non-negative, got weight\[3\] = {bad}"):
+        accumulate(x, None, w, torch.zeros(4), None, st)
+    assert float(st["sum_x"].abs().sum()) == 0.0
+    assert float(st["gram_xx"].abs().sum()) == 0.0
+
+
+def test_x_without_columns_is_rejected_by_the_kernel():
+    st = make_state(0, 0, "cpu")
+    with pytest.raises(ValueError, match="moments: bad shape"):
+        accumulate(torch.zeros(5, 0), None, None, torch.zeros(0), None, st)
+
+
+# -- the CPU kernel's chunk loop and OpenMP branches (csrc/cpu/moments.cpp) -------------------
+#
+# The kernel fills an fp32 panel of at most CHUNK_FLOATS floats at a time, so a batch of more
+# than CHUNK_FLOATS // (dx + dy + 1) rows takes several turns of its chunk loop. A panel fill
+# of at least PARALLEL_FILL elements runs in an OpenMP loop, a smaller one on one thread;
+# the lower triangle is mirrored in an OpenMP loop from PARALLEL_MIRROR columns on. Each test
+# runs with the CPU backend set to 1 and to 2 threads (OpenMP and OpenBLAS).
+#
+# The data are exact: entries and shifts in {-1, 0, 1} and weights in {0, 1/4, 1, 4} make
+# every panel value, product and partial sum an fp32 number with no rounding (multiples of
+# 1/4 below 2**22), so the state must equal the float64 reference bit for bit, whatever the
+# summation order; one row lost, repeated or weighted with another row's weight shows.
+
+CHUNK_FLOATS = 1 << 22  # kChunkFloats
+PARALLEL_FILL = 1 << 20  # kParallelFill
+PARALLEL_MIRROR = 1024  # mirror_upper's threshold
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def kernel_threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Threads of the CPU backend for one test; the previous setting is restored after it."""
+    core = ops.core.core_module()
+    before = core.num_threads()
+    core.set_num_threads(request.param)
+    assert core.num_threads() == (request.param if core.openmp else 1)
+    yield request.param
+    core.set_num_threads(before)
+
+
+def exact_rows(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randint(-1, 2, shape, generator=g, dtype=torch.float32)
+
+
+def exact_weights(g: torch.Generator, n: int) -> torch.Tensor:
+    return torch.tensor([0.0, 0.25, 1.0, 4.0])[torch.randint(0, 4, (n,), generator=g)]
+
+
+def check_exact(st, x, y, w, sx, sy) -> None:
+    """The state equals the float64 moments of the shifted rows, bit for bit."""
+    ref = reference.moments_reference(
+        x.double() - sx.double(), None if y is None else y.double() - sy.double(), w
+    )
+    for key, val in st.items():
+        if val is not None:
+            assert torch.equal(val.double(), ref[key]), key
+
+
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize(("dx", "dy"), [(63, 0), (40, 23)], ids=["x_only", "paired"])
+def test_cpu_multi_chunk_matches_reference(kernel_threads, dtype, weighted, dx, dy):
+    chunk = CHUNK_FLOATS // (dx + dy + 1)
+    n = chunk + 77  # a full chunk, then 77 rows
+    # the full chunk fills its panels in the OpenMP loop, the last one on one thread
+    assert chunk * min(dx, dy or dx) >= PARALLEL_FILL > 77 * (dx + dy)
+    g = torch.Generator().manual_seed(11 + dx + kernel_threads)
+    x = exact_rows(g, n, dx)
+    y = exact_rows(g, n, dy) if dy else None
+    w = exact_weights(g, n) if weighted else None
+    sx = exact_rows(g, dx)
+    sy = exact_rows(g, dy) if dy else None
+    st = make_state(dx, dy, "cpu")
+    accumulate(x.to(dtype), None if y is None else y.to(dtype), w, sx, sy, st)
+    check_exact(st, x, y, w, sx, sy)
+    assert torch.equal(st["gram_xx"], st["gram_xx"].T)
+
+
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_cpu_multi_chunk_strided_inputs(kernel_threads, dtype, weighted):
+    dx, dy = 40, 23
+    chunk = CHUNK_FLOATS // (dx + dy + 1)
+    n = chunk + 500  # a full chunk (OpenMP fill, strided branch), then 500 rows
+    assert chunk * dy >= PARALLEL_FILL
+    g = torch.Generator().manual_seed(12 + kernel_threads)
+    x = exact_rows(g, n, 2 * dx).to(dtype)[:, ::2]  # columns 2 elements apart
+    y = exact_rows(g, dy, n).to(dtype).T  # [n, dy], columns n elements apart
+    w = exact_weights(g, 3 * n)[::3] if weighted else None
+    assert x.stride(1) == 2
+    assert y.stride(1) == n
+    sx, sy = exact_rows(g, dx), exact_rows(g, dy)
+    st = make_state(dx, dy, "cpu")
+    accumulate(x, y, w, sx, sy, st)
+    check_exact(st, x.float(), y.float(), w, sx, sy)
+
+
+@pytest.mark.parametrize("upper_only", [False, True], ids=["mirrored", "upper_only"])
+@pytest.mark.parametrize(("dx", "dy"), [(1030, 0), (1025, 1100)], ids=["x_only", "paired"])
+def test_cpu_wide_grams_mirror(kernel_threads, upper_only, dx, dy):
+    # at least PARALLEL_MIRROR columns: the mirror of the lower triangle runs threaded
+    assert min(dx, dy or dx) >= PARALLEL_MIRROR
+    g = torch.Generator().manual_seed(13 + dx + kernel_threads)
+    n = 6
+    x = exact_rows(g, n, dx)
+    y = exact_rows(g, n, dy) if dy else None
+    w = exact_weights(g, n)
+    sx = exact_rows(g, dx)
+    sy = exact_rows(g, dy) if dy else None
+    st = make_state(dx, dy, "cpu")
+    for key in ("gram_xx", "gram_yy"):
+        if st[key] is not None:
+            st[key].fill_(-7.0)
+    accumulate(x, y, w, sx, sy, st, upper_only=upper_only)
+    ref = reference.moments_reference(
+        x.double() - sx.double(), None if y is None else y.double() - sy.double(), w
+    )
+    for key in ("gram_xx", "gram_yy"):
+        if st[key] is None:
+            continue
+        got, want = st[key].double(), ref[key] - 7.0
+        if upper_only:  # the strictly lower triangle is left as it was
+            lower = torch.tril(torch.ones_like(got, dtype=torch.bool), -1)
+            assert (got[lower] == -7.0).all()
+            got, want = torch.triu(got), torch.triu(want)
+        assert torch.equal(got, want), key
+    for key in ("sum_x", "sum_y", "gram_xy"):
+        if st[key] is not None:
+            assert torch.equal(st[key].double(), ref[key]), key
 
 
 # -- the Moments accumulator -----------------------------------------------------------------
@@ -217,13 +357,19 @@ def test_moments_mean_and_gram(device, dtype):
     for lo in range(0, 300, 70):
         m.update(x[lo : lo + 70].to(device), y[lo : lo + 70].to(device), w[lo : lo + 70])
     ref = reference_moments(x, y, w)
-    assert m.rows == 300 and m.count == pytest.approx(float(w.sum()), rel=1e-6)
+    assert m.rows == 300
+    assert m.count == pytest.approx(float(w.sum()), rel=1e-6)
     tol = dict(atol=2e-3, rtol=1e-5)
     torch.testing.assert_close(m.mean("x").cpu(), ref["mean_x"], **tol)
     torch.testing.assert_close(m.mean("y").cpu(), ref["mean_y"], **tol)
     for which in ("xx", "yy", "xy"):
         got = m.gram(which, centered=True)
-        assert got.dtype == torch.float64 and torch.equal(got, got) and got.device == m.device
+        assert got.dtype == torch.float64
+        assert got.device == m.device
+        # reading a Gram changes nothing, and the centred xx/yy Grams are symmetric bit for bit
+        assert torch.equal(got, m.gram(which, centered=True))
+        if which != "xy":
+            assert torch.equal(got, got.T)
         torch.testing.assert_close(got.cpu(), ref[which], **tol)
     torch.testing.assert_close(m.gram("xx").cpu(), ref["xx_raw"], atol=1e-2, rtol=1e-5)
     torch.testing.assert_close(m.gram("xy").cpu(), ref["xy_raw"], atol=1e-2, rtol=1e-5)
@@ -260,7 +406,8 @@ def test_merge_of_split_accumulators_equals_one_pass(device):
     merged = parts[3]  # start from the empty one
     for part in parts[:3]:
         assert merged.merge(part) is merged
-    assert merged.rows == whole.rows and merged.count == pytest.approx(whole.count)
+    assert merged.rows == whole.rows
+    assert merged.count == pytest.approx(whole.count)
     for which in ("xx", "yy", "xy"):
         for centered in (True, False):
             a, b = merged.gram(which, centered=centered), whole.gram(which, centered=centered)
@@ -291,7 +438,8 @@ def test_state_dict_round_trip_through_safetensors(tmp_path):
         assert torch.equal(back.gram(which, centered=True), m.gram(which, centered=True))
     # an empty accumulator round-trips too, and stays empty
     empty = Moments.from_state_dict(Moments(3).state_dict())
-    assert empty.rows == 0 and empty.shift_x is None
+    assert empty.rows == 0
+    assert empty.shift_x is None
     with pytest.raises(ValueError, match="state is missing gram_xx"):
         Moments.from_state_dict({k: v for k, v in state.items() if k != "gram_xx"})
     with pytest.raises(ValueError, match=r"state\['sum_y'\] must be a tensor of shape \[5\]"):
@@ -364,4 +512,5 @@ def test_all_reduce_over_gloo_equals_one_pass(tmp_path):
 def test_all_reduce_without_distributed_is_a_no_op():
     m = Moments(3).update(torch.randn(5, 3))
     before = m.gram("xx")
-    assert m.all_reduce() is m and torch.equal(m.gram("xx"), before)
+    assert m.all_reduce() is m
+    assert torch.equal(m.gram("xx"), before)

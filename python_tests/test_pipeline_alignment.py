@@ -17,13 +17,7 @@ from unlock_fast.alignment import proportional_layer_map
 from unlock_fast.capture import iter_activations
 from unlock_fast.stats import Moments
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def per_sample_map(hs: torch.Tensor, ht: torch.Tensor, rank: int, centered: bool = False):
@@ -110,7 +104,8 @@ def test_fit_ranks_share_one_decomposition():
     stats = stats_from(hs, ht, 4)
     many = stats.fit_ranks([2, 8, 16])
     for r, a in many.items():
-        assert a.rank == r and a.k == r
+        assert a.rank == r
+        assert a.k == r
         assert rel(a.matrix(0), per_sample_map(hs, ht, r)) < 2e-4
         assert rel(a.matrix(0), stats.fit(rank=r).matrix(0)) < 1e-5
 
@@ -139,8 +134,10 @@ def test_diagnose_matches_explicit_residuals():
         r2 = 1 - float(resid.pow(2).sum() / (ht2.double() - ht2.double().mean(0)).pow(2).sum())
         assert report.rel_error[0] == pytest.approx(err, rel=1e-3)
         assert report.r2[0] == pytest.approx(r2, abs=1e-3)
-        assert 0 < report.rel_error[0] < 0.5 and report.r2[0] > 0.5
-        assert "R2" in str(report) and report.to_dict()["rank"] == 10
+        assert 0 < report.rel_error[0] < 0.5
+        assert report.r2[0] > 0.5
+        assert "R2" in str(report)
+        assert report.to_dict()["rank"] == 10
 
 
 def test_merge_equals_single_pass():
@@ -148,7 +145,8 @@ def test_merge_equals_single_pass():
     whole = stats_from(hs, ht)
     a, b = stats_from(hs[:31], ht[:31]), stats_from(hs[31:], ht[31:], 3)
     merged = a.merge(b)
-    assert merged.num_rows == 90 and merged.num_prompts == 90
+    assert merged.num_rows == 90
+    assert merged.num_prompts == 90
     assert rel(merged.fit(rank=8).matrix(0), whole.fit(rank=8).matrix(0)) < 1e-5
     other = stats_from(hs, ht)
     other.layer_map = [(0, 1)]
@@ -218,7 +216,8 @@ def test_token_level_pairs_every_token():
         progress=False,
     )
     n_tokens = sum(len(tok(p)["input_ids"]) for p in PROMPTS[:6])
-    assert stats.layer_map == [(3, 2)] and stats.num_rows == n_tokens
+    assert stats.layer_map == [(3, 2)]
+    assert stats.num_rows == n_tokens
     xs, _ = _rows(src, tok, PROMPTS[:6], [3], token_level=True)
     ys, _ = _rows(tgt, tok, PROMPTS[:6], [2], token_level=True)
     assert rel(stats.fit(rank=8).matrix(2), per_sample_map(xs[3], ys[2], 8)) < 1e-3
@@ -255,10 +254,12 @@ def test_transfer_maps_each_source_vector():
         progress=False,
     )
     key = a.transfer(d)
-    assert key.layers == list(range(5)) and key.vectors.shape == (5, 48)
+    assert key.layers == list(range(5))
+    assert key.vectors.shape == (5, 48)
     for s, t in a.layer_map:
         torch.testing.assert_close(key.vector(t), d.vector(s) @ a.matrix(t), atol=1e-5, rtol=1e-4)
-    assert key.origin["rank"] == 4 and key.model.hidden_size == 48
+    assert key.origin["rank"] == 4
+    assert key.model.hidden_size == 48
     other = extract_direction(tgt, ttok, PROMPTS[:3], PROMPTS[3:6], progress=False)
     with pytest.raises(ValueError, match="hidden size"):
         a.transfer(other)

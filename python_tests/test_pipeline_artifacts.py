@@ -23,12 +23,7 @@ from unlock_fast import (
 COT = [p + " Answer: Let's think step by step." for p in PROMPTS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +49,22 @@ def test_round_trips(tmp_path, pipeline, centered):
     d2 = Direction.from_pretrained(tmp_path / "d", pipeline["src"])
     a2 = Alignment.from_pretrained(tmp_path / "a", pipeline["src"], pipeline["tgt"])
     k2 = SteeringKey.from_pretrained(tmp_path / "k", pipeline["tgt"])
-    assert torch.equal(d2.vectors, d.vectors) and d2.layers == d.layers
-    assert a2.layer_map == alignment.layer_map and a2.centered == centered
+    assert torch.equal(d2.vectors, d.vectors)
+    assert d2.layers == d.layers
+    assert a2.layer_map == alignment.layer_map
+    assert a2.centered == centered
     assert torch.equal(a2.matrix(3), alignment.matrix(3))
-    assert torch.equal(k2.vectors, key.vectors) and k2.origin == key.origin
+    assert torch.equal(k2.vectors, key.vectors)
+    assert k2.origin == key.origin
     torch.testing.assert_close(a2.transfer(d2).vectors, key.vectors, atol=1e-7, rtol=1e-6)
     assert isinstance(load_artifact(tmp_path / "a"), Alignment)
     assert isinstance(load_artifact(tmp_path / "k"), SteeringKey)
     assert isinstance(load_artifact(tmp_path / "d"), Direction)
     meta = json.loads((tmp_path / "a" / "unlock.json").read_text())
-    assert meta["source"]["hidden_size"] == 32 and meta["target"]["hidden_size"] == 48
-    assert meta["num_rows"] == len(PROMPTS) and meta["k"] == 5
+    assert meta["source"]["hidden_size"] == 32
+    assert meta["target"]["hidden_size"] == 48
+    assert meta["num_rows"] == len(PROMPTS)
+    assert meta["k"] == 5
 
 
 def test_mismatched_artifacts_are_refused(tmp_path, pipeline):
@@ -106,7 +106,8 @@ def test_alignment_stats_round_trip(tmp_path, pipeline):
     stats = pipeline["stats"]
     stats.save_pretrained(tmp_path / "s")
     back = AlignmentStats.from_pretrained(tmp_path / "s")
-    assert back.layer_map == stats.layer_map and back.num_rows == stats.num_rows
+    assert back.layer_map == stats.layer_map
+    assert back.num_rows == stats.num_rows
     assert torch.equal(back.fit(rank=4).matrix(2), stats.fit(rank=4).matrix(2))
     assert isinstance(load_artifact(tmp_path / "s"), AlignmentStats)
     for obj in (stats, back.fit(rank=4), pipeline["direction"]):

@@ -20,12 +20,7 @@ EXPECTED_PATH = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", ["mistral", "qwen3", "gemma2"])
@@ -93,7 +88,7 @@ def test_last_positions_any_padding_side():
     assert last_positions(mask).tolist() == [3, 2, 0, 3]
 
 
-def _reference_rows(model, tok, prompts, side):
+def _reference_rows(model, tok, prompts):
     """Activations via output_hidden_states, unpadded, one prompt at a time."""
     out = []
     for p in prompts:
@@ -112,7 +107,7 @@ def test_capture_matches_hidden_states(arch, side):
     n_layers = len(decoder_layers(model))
     layers = list(range(n_layers - 1))  # the last hidden_states entry is after the final norm
     prompts = PROMPTS[:7]
-    ref = _reference_rows(model, tok, prompts, side)
+    ref = _reference_rows(model, tok, prompts)
     got = {}
     for b in iter_activations(model, tok, prompts, layers, batch_size=3):
         for row, i in enumerate(b.indices):
@@ -129,7 +124,7 @@ def test_capture_token_level_and_last_layer_before_final_norm(side):
     prompts = PROMPTS[:5]
     last = len(decoder_layers(model)) - 1
     seen = []
-    hook = model.model.layers[last].register_forward_hook(lambda m, a, o: seen.append(o))
+    hook = model.model.layers[last].register_forward_hook(lambda _m, _a, o: seen.append(o))
     try:
         batches = list(
             iter_activations(model, tok, prompts, [0, last], token_level=True, batch_size=5)
@@ -137,7 +132,7 @@ def test_capture_token_level_and_last_layer_before_final_norm(side):
     finally:
         hook.remove()
     (b,) = batches
-    ref = _reference_rows(model, tok, [prompts[i] for i in b.indices], side)
+    ref = _reference_rows(model, tok, [prompts[i] for i in b.indices])
     want0 = torch.cat([r[0] for r in ref])
     torch.testing.assert_close(b.rows[0], want0, atol=2e-5, rtol=1e-4)
     # The last layer's rows are its raw output, not HF's normed hidden_states[-1].
@@ -158,7 +153,8 @@ def test_capture_dtype_device_and_model_state():
             model, tok, PROMPTS[:4], [1], batch_size=8, dtype=torch.bfloat16, device="cpu"
         )
     )
-    assert b.rows[1].dtype == torch.bfloat16 and b.rows[1].shape == (4, 32)
+    assert b.rows[1].dtype == torch.bfloat16
+    assert b.rows[1].shape == (4, 32)
     assert model.training  # restored
     assert [len(m._forward_hooks) for m in model.modules()] == hooks_before
     with pytest.raises(ValueError, match="dtype"):

@@ -12,12 +12,7 @@ from unlock_fast.capture import iter_activations
 COT = [p + " Answer: Let's think step by step." for p in PROMPTS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _last_rows(model, tok, prompts, layers):
@@ -36,8 +31,11 @@ def test_mean_direction_prompt_contrast(side):
     d = extract_direction(model, tok, PROMPTS, COT, batch_size=5, progress=False)
     want = _last_rows(model, tok, COT, [0, 1, 2]) - _last_rows(model, tok, PROMPTS, [0, 1, 2])
     torch.testing.assert_close(d.vectors.double(), want.mean(0), atol=1e-5, rtol=1e-4)
-    assert d.contrast == "prompt" and d.num_prompts == len(PROMPTS) and d.method == "mean"
-    assert d.vectors.dtype == torch.float32 and d.layers == [0, 1, 2]
+    assert d.contrast == "prompt"
+    assert d.num_prompts == len(PROMPTS)
+    assert d.method == "mean"
+    assert d.vectors.dtype == torch.float32
+    assert d.layers == [0, 1, 2]
 
 
 def test_pca_direction_sign_and_axis():
@@ -64,7 +62,8 @@ def test_model_contrast_two_models():
         base, tok, PROMPTS[:6], list(range(5))
     )
     torch.testing.assert_close(d.vectors.double(), want.mean(0), atol=1e-5, rtol=1e-4)
-    assert d.contrast == "model" and d.unlocked_model is not None
+    assert d.contrast == "model"
+    assert d.unlocked_model is not None
 
 
 def test_bad_inputs_raise_and_leave_model_unhooked():
@@ -92,6 +91,8 @@ def test_direction_as_key_and_round_trip(tmp_path):
     d = extract_direction(model, tok, PROMPTS[:4], COT[:4], progress=False)
     d.save_pretrained(tmp_path / "dir")
     back = Direction.from_pretrained(tmp_path / "dir", model)
-    assert torch.equal(back.vectors, d.vectors) and back.model == d.model
+    assert torch.equal(back.vectors, d.vectors)
+    assert back.model == d.model
     key = d.as_key()
-    assert torch.equal(key.vectors, d.vectors) and key.layers == d.layers
+    assert torch.equal(key.vectors, d.vectors)
+    assert key.layers == d.layers

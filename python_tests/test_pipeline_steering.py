@@ -12,13 +12,7 @@ from unlock_fast.capture import last_positions, layer_output
 from unlock_fast.layers import decoder_layers
 from unlock_fast.reference import steer_reference
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_key(model, seed=0, layers=None) -> SteeringKey:
@@ -36,7 +30,7 @@ def layer_out(model, layer, **inputs):
     """Output of decoder layer ``layer`` (after any steering hook) and the logits."""
     seen = []
     h = decoder_layers(model)[layer].register_forward_hook(
-        lambda m, a, o: seen.append(layer_output(o).clone())
+        lambda _m, _a, o: seen.append(layer_output(o).clone())
     )
     try:
         with torch.no_grad():
@@ -75,7 +69,8 @@ def test_prefill_steers_exactly_the_right_positions(arch, side, positions, mode)
     assert torch.equal(changed, (want != before).any(-1))
     torch.testing.assert_close(after, want, atol=1e-5, rtol=1e-5)
     if positions == "last_prompt":
-        assert changed.sum() == 4 and not changed[mask == 0].any()
+        assert changed.sum() == 4
+        assert not changed[mask == 0].any()
     assert hooks_left(model) == 0
 
 
@@ -110,12 +105,14 @@ def test_decoding_steps_are_steered_only_when_asked():
         model, tok, prompts, lambda: steer(model, key, 0.5), keep_for_step=False
     )
     assert not torch.equal(a_pre, base_pre)
-    assert torch.equal(a_pre, b_pre) and torch.equal(a_step, b_step)
+    assert torch.equal(a_pre, b_pre)
+    assert torch.equal(a_step, b_step)
     # generated: prefill untouched, the decoding step steered
     g_pre, g_step = _prefill_then_step(
         model, tok, prompts, lambda: steer(model, key, 0.5, positions="generated")
     )
-    assert torch.equal(g_pre, base_pre) and not torch.equal(g_step, base_step)
+    assert torch.equal(g_pre, base_pre)
+    assert not torch.equal(g_step, base_step)
     assert hooks_left(model) == 0
 
 
@@ -128,16 +125,22 @@ def test_logits_bit_identical_after_exit_and_after_exceptions():
     key = random_key(model)
     with steer(model, key, alpha=0.5, positions="all"), torch.no_grad():
         assert not torch.equal(model(**inputs).logits, ref)
-    with pytest.raises(RuntimeError, match="boom"):
+
+    def forward_then_raise() -> None:
         with steer(model, key, alpha=0.5):
             with torch.no_grad():
                 model(**inputs)
             raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        forward_then_raise()
     handle = steer(model, key, alpha=0.2, mode="add")
-    assert handle.active and hooks_left(model) > 0
+    assert handle.active
+    assert hooks_left(model) > 0
     handle.remove()
     handle.remove()  # idempotent
-    assert not handle.active and hooks_left(model) == 0
+    assert not handle.active
+    assert hooks_left(model) == 0
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, ref)
 
@@ -189,7 +192,8 @@ def test_generate_greedy_sampling_and_expanded_rows():
         torch.manual_seed(0)
         per_row = model.generate(**inputs, do_sample=True, num_return_sequences=2, **kw)
     assert not torch.equal(base, steered)
-    assert sampled.shape == (4, base.shape[1]) and torch.equal(sampled, per_row)
+    assert sampled.shape == (4, base.shape[1])
+    assert torch.equal(sampled, per_row)
     assert torch.equal(model.generate(**inputs, do_sample=False, **kw), base)
     assert hooks_left(model) == 0
 
@@ -220,12 +224,16 @@ def test_bad_arguments_raise_and_leave_model_unhooked():
     with pytest.raises(ValueError, match="fingerprint"):
         steer(renamed, key)
     steer(renamed, key, check_fingerprint=False).remove()
-    assert hooks_left(model) == 0 and hooks_left(renamed) == 0
+    assert hooks_left(model) == 0
+    assert hooks_left(renamed) == 0
     # a batch that does not match the per-row keys fails inside forward; hooks still go
     inputs = batch(tok, PROMPTS[:3])
-    with pytest.raises(ValueError, match="per-row vector sets"):
-        with steer(model, [key, key]), torch.no_grad():
-            model(**inputs)
+    with (
+        pytest.raises(ValueError, match="per-row vector sets"),
+        steer(model, [key, key]),
+        torch.no_grad(),
+    ):
+        model(**inputs)
     assert hooks_left(model) == 0
 
 
@@ -243,4 +251,5 @@ def test_half_precision_models(dtype):
     assert after.dtype == dtype
     torch.testing.assert_close(after, want, atol=2e-2, rtol=2e-2)
     changed = (after != before).any(-1)
-    assert changed.sum() == 3 and changed[torch.arange(3), pos].all()
+    assert changed.sum() == 3
+    assert changed[torch.arange(3), pos].all()

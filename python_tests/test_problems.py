@@ -40,7 +40,8 @@ def test_answers_are_exact_and_solutions_check_out(kind: str) -> None:
             assert _eval_step(lhs) == int(rhs), (p.question, p.solution)
         # the worked solution grades as correct with our own grader
         ext = extract_answer(p.solution or "")
-        assert ext.method == "final" and is_equivalent(ext.answer, p.answer)
+        assert ext.method == "final"
+        assert is_equivalent(ext.answer, p.answer)
         assert p.source.startswith(f"builtin:{kind}:")
 
 
@@ -106,10 +107,10 @@ class _ChatTok:
     bos_token = "<s>"
     bos_token_id = 1
 
-    def __call__(self, text: str) -> dict:
+    def __call__(self, _text: str) -> dict:
         return type("E", (), {"input_ids": [1, 5]})()
 
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):  # noqa: ARG002
         body = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
         return "<s>" + body + ("<assistant>" if add_generation_prompt else "")
 
@@ -119,7 +120,8 @@ def test_prompt_forms() -> None:
     assert format_prompt(q, "direct") == f"{q}\n\nAnswer:\n"
     assert format_prompt(q, "cot") == f"{q}\n\nAnswer: Let's think step by step.\n"
     tok = _ChatTok()
-    assert use_chat(tok, "auto") and not use_chat(None, "auto")
+    assert use_chat(tok, "auto")
+    assert not use_chat(None, "auto")
     chat = format_prompt(q, "cot", tokenizer=tok, chat=True)
     # the BOS the tokenizer adds itself is not doubled; the answer prefix opens the reply
     assert chat == f"<user>{q}</user><assistant>Answer: Let's think step by step.\n"

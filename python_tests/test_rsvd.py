@@ -52,16 +52,38 @@ def projector(v: torch.Tensor) -> torch.Tensor:
     return v @ v.T
 
 
-def plan(symmetric: bool, rows: int, cols: int, k: int, oversample=10, n_iter=4):
-    core = ops._core_module()
-    return core.rsvd_plan(symmetric, rows, cols, k, oversample, n_iter, METHOD["auto"], False)
+def plan(
+    symmetric: bool, rows: int, cols: int, k: int, oversample=10, n_iter=4, device: str = "cpu"
+) -> tuple[int, bool]:
+    """(sketch width, dense path?) of ops.eigh_topk / ops.svd_topk on ``device``'s backend."""
+    core = ops.core.core_module()
+    cuda = torch.device(device).type == "cuda"
+    return core.rsvd_plan(symmetric, rows, cols, k, oversample, n_iter, METHOD["auto"], cuda)
+
+
+def dense_eigh_size(device: str, k: int, largest: int = 40) -> int:
+    """The largest d <= ``largest`` at which eigh_topk (default sketch) takes the dense path
+    on ``device``. The backends set the crossover differently: the CUDA one goes dense later,
+    so a size that is dense on the CPU can take the randomized path on CUDA. d = k is always
+    dense (the sketch would be the whole space)."""
+    return next(d for d in range(largest, k - 1, -1) if plan(True, d, d, k, device=device)[1])
+
+
+def dense_svd_n_iter(device: str, rows: int, cols: int, k: int, default: int = 4) -> int | None:
+    """The fewest power iterations (at least ``default``) for which svd_topk takes the dense
+    path on ``device``, or None when none up to 64 does. The dense path runs no power
+    iterations, so n_iter then only steers the choice. On the CPU this is the default."""
+    for n_iter in range(default, 65):
+        if plan(False, rows, cols, k, n_iter=n_iter, device=device)[1]:
+            return n_iter
+    return None
 
 
 def eigh_core(a: torch.Tensor, k: int, method: str, oversample=10, n_iter=4, seed=0):
     """Call the CPU kernel with a forced method."""
-    core = ops._core_module()
+    core = ops.core.core_module()
     d = a.shape[0]
-    code = ops._dtype_code(a)
+    code = ops.core.dtype_code(a)
     sizes = (d, k, oversample, n_iter)
     nbytes = core.rsvd_eigh_workspace_cpu(*sizes, code, METHOD[method])
     work = torch.empty(nbytes, dtype=torch.uint8)
@@ -75,9 +97,9 @@ def eigh_core(a: torch.Tensor, k: int, method: str, oversample=10, n_iter=4, see
 
 
 def svd_core(m: torch.Tensor, k: int, method: str, oversample=10, n_iter=4, seed=0):
-    core = ops._core_module()
+    core = ops.core.core_module()
     rows, cols = m.shape
-    code = ops._dtype_code(m)
+    code = ops.core.dtype_code(m)
     sizes = (rows, cols, k, oversample, n_iter)
     nbytes = core.rsvd_svd_workspace_cpu(*sizes, code, METHOD[method])
     work = torch.empty(nbytes, dtype=torch.uint8)
@@ -118,16 +140,19 @@ def gap_tolerance(lam: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["fast_decay", "clustered", "rank_deficient", "outlier"])
-@pytest.mark.parametrize("d", [257, 40])  # randomized path, dense path
-def test_eigh_known_spectra(device, dtype, name, d):
+@pytest.mark.parametrize("path", ["randomized", "dense"])
+def test_eigh_known_spectra(device, dtype, name, path):
     k = 10
+    d = 257 if path == "randomized" else dense_eigh_size(device, k)
     lam = spectrum(name, d)
     a64 = spd_with_spectrum(lam)
     a = a64.to(dtype=dtype, device=device)
-    assert plan(True, d, d, k)[1] == (d == 40)
+    assert plan(True, d, d, k, device=device)[1] == (path == "dense")
     values, vectors = ops.eigh_topk(a, k)
-    assert values.dtype == dtype and vectors.dtype == dtype
-    assert values.device == a.device and vectors.shape == (d, k)
+    assert values.dtype == dtype
+    assert vectors.dtype == dtype
+    assert values.device == a.device
+    assert vectors.shape == (d, k)
     # rounding-level accuracy: this sketch captures these spectra fully
     tol = 50 * torch.finfo(dtype).eps * lam.max().item()
     ref_values, ref_vectors = reference.eigh_topk_reference(a64, k)
@@ -198,7 +223,8 @@ def test_eigh_deterministic(device, dtype):
     a = spd_with_spectrum(spectrum("outlier", d), seed=1).to(dtype=dtype, device=device)
     v1, u1 = ops.eigh_topk(a, k, seed=7)
     v2, u2 = ops.eigh_topk(a.clone(), k, seed=7)
-    assert torch.equal(v1, v2) and torch.equal(u1, u2)
+    assert torch.equal(v1, v2)
+    assert torch.equal(u1, u2)
     # another seed draws another test matrix: different bits, same answer
     v3, u3 = ops.eigh_topk(a, k, seed=8)
     assert not torch.equal(u1, u3)
@@ -284,11 +310,18 @@ def test_svd_known_spectrum(device, dtype, shape):
     rows, cols = shape
     k = 8
     r = min(rows, cols)
+    # (33, 21) and (21, 33) take the dense path on every backend, the others the sketch
+    dense = r == 21
+    n_iter = dense_svd_n_iter(device, rows, cols, k) if dense else 4
+    if n_iter is None:
+        pytest.skip(f"no n_iter makes svd_topk take the dense path on {device} at {shape}")
     s_true = 5.0 * torch.exp(-torch.arange(r, dtype=torch.float64) / 3)
     m64 = matrix_with_singular_values(rows, cols, s_true, seed=rows)
-    assert plan(False, rows, cols, k)[1] == (r == 21)
-    u, s, vh = ops.svd_topk(m64.to(dtype=dtype, device=device), k)
-    assert u.shape == (rows, k) and s.shape == (k,) and vh.shape == (k, cols)
+    assert plan(False, rows, cols, k, n_iter=n_iter, device=device)[1] == dense
+    u, s, vh = ops.svd_topk(m64.to(dtype=dtype, device=device), k, n_iter=n_iter)
+    assert u.shape == (rows, k)
+    assert s.shape == (k,)
+    assert vh.shape == (k, cols)
     assert u.dtype == s.dtype == vh.dtype == dtype
     ref_u, ref_s, ref_vh = reference.svd_topk_reference(m64, k)
     tol = TOL[dtype] * s_true[0].item()
@@ -326,7 +359,9 @@ def test_svd_deterministic_and_signs_carried(dtype):
     m = matrix_with_singular_values(80, 60, s_true).to(dtype)
     u1, s1, vh1 = ops.svd_topk(m, 6, seed=11)
     u2, s2, vh2 = ops.svd_topk(m, 6, seed=11)
-    assert torch.equal(u1, u2) and torch.equal(s1, s2) and torch.equal(vh1, vh2)
+    assert torch.equal(u1, u2)
+    assert torch.equal(s1, s2)
+    assert torch.equal(vh1, vh2)
     # the rank-k part is sign independent, so it matches the reference's
     ref_u, ref_s, ref_vh = reference.svd_topk_reference(m, 6)
     torch.testing.assert_close(
@@ -340,7 +375,9 @@ def test_svd_deterministic_and_signs_carried(dtype):
 
 def test_svd_size_one_and_vector_shapes():
     u, s, vh = ops.svd_topk(torch.tensor([[-3.0]]), 1)
-    assert u.tolist() == [[1.0]] and s.tolist() == [3.0] and vh.tolist() == [[-1.0]]
+    assert u.tolist() == [[1.0]]
+    assert s.tolist() == [3.0]
+    assert vh.tolist() == [[-1.0]]
     row = torch.arange(1.0, 6.0, dtype=torch.float64)[None, :]  # [1, 5]
     u, s, vh = ops.svd_topk(row, 1)
     torch.testing.assert_close(s, row.norm()[None])

@@ -220,9 +220,9 @@ def test_invalid_inputs_leave_hidden_unchanged():
         ops.steer_(h, vec.to("meta"), 0.2, positions=pos)
     with pytest.raises(ValueError, match="hidden requires grad"):
         ops.steer_(h.clone().requires_grad_(), vec, 0.2, positions=pos)
+    frozen = h.numpy().copy()
+    frozen.flags.writeable = False
     with pytest.raises(ValueError, match="read-only NumPy array"):
-        frozen = h.numpy().copy()
-        frozen.flags.writeable = False
         ops.steer_(frozen, vec, 0.2, positions=pos)
     assert torch.equal(h, before)
 

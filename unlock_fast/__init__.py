@@ -1,34 +1,46 @@
-"""unlock-fast: training-free capability transfer between language models (UNLOCK)."""
+"""unlock-fast: training-free capability transfer between language models (UNLOCK).
+
+The data flows one way: prompts → :mod:`capture` (hooks on the decoder blocks) →
+:mod:`collect` (lockstep passes) → :mod:`stats` (streaming moments) → :mod:`direction` and
+:mod:`alignment` (with :mod:`estimator`) → :mod:`artifacts` (keys, directions, alignments)
+→ :mod:`steering` (hooks that apply a key during ``generate``).
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-# The pipeline: direction -> alignment -> transfer -> steering (imports stay below __version__).
-from .alignment import (  # noqa: E402
+from ._version import __version__
+from .alignment import collect_alignment_stats, fit_alignment, proportional_layer_map
+from .artifacts import (
     Alignment,
     AlignmentReport,
     AlignmentStats,
-    collect_alignment_stats,
-    fit_alignment,
+    Direction,
+    KeyLike,
+    ModelInfo,
+    SteeringKey,
+    load_artifact,
 )
-from .artifacts import ModelInfo, load_artifact  # noqa: E402
-from .direction import Direction, extract_direction  # noqa: E402
-from .ops import backends  # noqa: E402
-from .steering import SteeringHandle, SteeringKey, steer  # noqa: E402
+from .direction import extract_direction
+from .ops import backends
+from .steering import SteeringHandle, steer
+from .transfer import collect_transfer
 
 __all__ = [
     "Alignment",
     "AlignmentReport",
     "AlignmentStats",
     "Direction",
+    "KeyLike",
     "ModelInfo",
     "SteeringHandle",
     "SteeringKey",
+    "__version__",
     "backends",
     "collect_alignment_stats",
+    "collect_transfer",
     "extract_direction",
     "fit_alignment",
     "load_artifact",
+    "proportional_layer_map",
     "steer",
 ]

@@ -12,13 +12,13 @@ them.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Generator, Iterator, Sequence
-from contextlib import closing, contextmanager
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .layers import decoder_layers, input_device
 
@@ -26,7 +26,6 @@ __all__ = [
     "CapturedBatch",
     "plan_batches",
     "iter_activations",
-    "paired_activations",
     "layer_output",
     "last_positions",
     "progress_bar",
@@ -165,8 +164,8 @@ def iter_activations(
     state: dict[str, Any] = {}
     store: dict[int, torch.Tensor] = {}
 
-    def make_hook(idx: int):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+    def make_hook(idx: int) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             h = layer_output(output)
             sel = state["select"].get(h.device)
             if sel is None:
@@ -224,22 +223,4 @@ def iter_activations(
 
 def progress_bar(total: int, desc: str, enabled: bool) -> Any:
     """A tqdm bar over prompts (silent when ``enabled`` is False)."""
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="prompt", disable=not enabled, leave=False)
-
-
-@contextmanager
-def paired_activations(
-    first: dict[str, Any], second: dict[str, Any], batches: list[list[int]], **common: Any
-) -> Iterator[Iterator[tuple[CapturedBatch, CapturedBatch]]]:
-    """Run two captures over the same batches of prompt indices, batch by batch.
-
-    ``first`` and ``second`` hold the per-model arguments of :func:`iter_activations`
-    (model, tokenizer, prompts, layers, layer_path); ``common`` the shared ones. Hooks are
-    removed on exit, also when the caller stops early or raises.
-    """
-    a = iter_activations(**first, batches=batches, **common)
-    b = iter_activations(**second, batches=batches, **common)
-    with closing(a), closing(b):
-        yield zip(a, b, strict=True)

@@ -22,6 +22,22 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .evaluation.experiment import key_cosines, rank_sweep, run_transfer, target_direction
+from .evaluation.metrics import accuracy
+from .evaluation.problems import problem_splits
+from .evaluation.report import (
+    alignment_table,
+    condition_table,
+    plot_accuracy_vs_alpha,
+    plot_key_cosine,
+    plot_r2_vs_rank,
+    write_json,
+)
+from .evaluation.runner import evaluate_conditions, random_key_like
+from .loading import load_model
+
 __all__ = ["DEFAULTS", "QUICK", "DemoConfig", "DemoResult", "run_demo"]
 
 
@@ -101,11 +117,6 @@ def run_demo(
     echo: bool = True,
 ) -> DemoResult:
     """Run the demo and write its report into ``out``; prints the tables when ``echo``."""
-    from .evaluation.experiment import key_cosines, rank_sweep, run_transfer, target_direction
-    from .evaluation.problems import problem_splits
-    from .evaluation.runner import evaluate_conditions
-    from .loading import load_model
-
     cfg = config
     if cfg.n_train < 2 or cfg.n_heldout < 2 or cfg.n_test < 1:
         raise ValueError(
@@ -141,6 +152,8 @@ def run_demo(
         progress=progress,
     )
     clock.lap("direction + alignment")
+    if run.key is None or run.direction is None or run.heldout_stats is None:
+        raise RuntimeError("run_transfer returned no key, direction or held-out statistics")
     sweep = rank_sweep(run.stats, run.heldout_stats, cfg.sweep_ranks)
     _say(progress, "[demo] the Target's own CoT direction on held-out problems")
     own = target_direction(
@@ -203,8 +216,6 @@ Curves = dict[str, dict[str, list[Point]]]  # "accuracy" / "steps" -> condition 
 
 
 def _points(cond: Any, alpha: float) -> tuple[Point, Point]:
-    from .evaluation.metrics import accuracy
-
     acc = cond.accuracy
     steps = accuracy([it.shows_steps for it in cond.items])
     return (alpha, acc.value, acc.low, acc.high), (alpha, steps.value, steps.low, steps.high)
@@ -223,14 +234,12 @@ def _alpha_sweep(
     model: Any, tok: Any, items: Any, key: Any, cfg: DemoConfig, progress: bool
 ) -> Curves:
     """Baseline and CoT once, UNLOCK and the random control at every alpha."""
-    from .evaluation.runner import evaluate_conditions, random_key_like
-
-    common = dict(
-        chat=cfg.target_chat,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
-        progress=progress,
-    )
+    common: dict[str, Any] = {
+        "chat": cfg.target_chat,
+        "max_new_tokens": cfg.max_new_tokens,
+        "batch_size": cfg.batch_size,
+        "progress": progress,
+    }
     rkey = random_key_like(key, seed=cfg.seed)
     runs = [(0.0, evaluate_conditions(model, tok, items, conditions=("baseline", "cot"), **common))]
     for alpha in cfg.alphas:
@@ -256,13 +265,6 @@ def _alpha_sweep(
 
 def _write(result: DemoResult, run: Any, out: Path) -> dict[str, Path]:
     """Tables, per-item outputs and artifacts first, plots last."""
-    from .evaluation.report import (
-        plot_accuracy_vs_alpha,
-        plot_key_cosine,
-        plot_r2_vs_rank,
-        write_json,
-    )
-
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "items": result.evaluation.write_items(out / "items.jsonl"),
@@ -299,8 +301,6 @@ def _payload(result: DemoResult) -> dict[str, Any]:
 
 
 def _write_markdown(result: DemoResult, out: Path) -> Path:
-    from .evaluation.report import alignment_table, condition_table, write_json
-
     cfg = result.config
     cos = result.cosines
     above = cos.layers_above_band
@@ -334,8 +334,6 @@ def _write_markdown(result: DemoResult, out: Path) -> Path:
     ]
     if result.timings:
         t = result.timings
-        import torch
-
         threads = torch.get_num_threads()
         lines += [
             "",

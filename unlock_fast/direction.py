@@ -1,4 +1,4 @@
-"""The capability direction ("master key") of a Source model, per decoder layer.
+"""Extract the capability direction ("master key") of a Source model, per decoder layer.
 
 Two contrasts, as in the paper:
 
@@ -7,134 +7,182 @@ Two contrasts, as in the paper:
 - model contrast: a locked and an unlocked model (e.g. base vs post-trained), usually the
   same prompts.
 
-``mean``: v_l = mean_i [h_l(unlocked, i) - h_l(locked, i)] (not normalised).
-``pca``: the top principal axis of the centred differences, signed so that v . mean > 0,
-unit norm.
+The methods are small functions in :data:`METHODS`: ``mean`` gives
+v_l = mean_i [h_l(unlocked, i) - h_l(locked, i)] (not normalised); ``pca`` the top principal
+axis of the centred differences, signed so that v . mean > 0, unit norm.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from . import ops
-from .artifacts import ModelInfo, expect_shape, read_artifact, save_artifact
-from .capture import paired_activations, plan_batches, progress_bar
-from .distributed import all_reduce_sum_, rank_and_world, require_distributed, shard
+from .artifacts import Direction, ModelInfo
+from .collect import Side, check_prompts, lockstep
+from .distributed import all_reduce_sum_
 from .layers import decoder_layers, resolve_layer_indices
 from .stats import Moments
 
-__all__ = ["Direction", "extract_direction"]
-
-METHODS = ("mean", "pca")
+__all__ = ["METHODS", "DirectionAccumulator", "DirectionMethod", "extract_direction"]
 
 
-@dataclass(repr=False)
-class Direction:
-    """Per-layer capability direction of one model.
+@dataclass(frozen=True)
+class DirectionMethod:
+    """How a direction is made from the mean difference and, if needed, the covariance of
+    the per-item differences (centred Moments)."""
 
-    vectors: [len(layers), hidden_size] float32, row i belongs to decoder layer layers[i].
-    model: the locked model (whose activations the vectors live in).
-    unlocked_model: the unlocked model for a model contrast, None for a prompt contrast.
-    """
+    name: str
+    finalize: Callable[[torch.Tensor, Moments | None], torch.Tensor]
+    needs_covariance: bool = False
+    min_prompts: int = 1
 
-    vectors: torch.Tensor
+
+def _mean_direction(mean: torch.Tensor, _: Moments | None) -> torch.Tensor:
+    return mean
+
+
+def _pca_direction(mean: torch.Tensor, diffs: Moments | None) -> torch.Tensor:
+    if diffs is None:
+        raise ValueError("the pca method needs the covariance of the differences")
+    _, vec = ops.eigh_topk(diffs.gram("xx", centered=True), 1)
+    v = vec[:, 0].to(torch.float64)
+    v = v / v.norm().clamp_min(1e-300)
+    return -v if float(v @ mean.to(v.device)) < 0 else v
+
+
+METHODS: dict[str, DirectionMethod] = {
+    "mean": DirectionMethod("mean", _mean_direction),
+    "pca": DirectionMethod("pca", _pca_direction, needs_covariance=True, min_prompts=2),
+}
+
+
+class DirectionAccumulator:
+    """Streams locked/unlocked row pairs of some layers into per-layer difference sums
+    (and their Moments for methods that need a covariance)."""
+
+    def __init__(self, layers: Sequence[int], dim: int, method: str) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+        self.layers = list(layers)
+        self.dim = dim
+        self.method = METHODS[method]
+        self.count = 0
+        self.sums: dict[int, torch.Tensor] = {}
+        self.moments: dict[int, Moments] = {}
+
+    def update(self, locked: dict[int, torch.Tensor], unlocked: dict[int, torch.Tensor]) -> None:
+        """Add one batch: rows [n, d] per layer of the locked and the unlocked side."""
+        n = 0
+        for layer in self.layers:
+            diff = unlocked[layer].float() - locked[layer].float()
+            n = diff.shape[0]
+            if layer not in self.sums:
+                self.sums[layer] = torch.zeros(self.dim, dtype=torch.float64, device=diff.device)
+            self.sums[layer] += diff.sum(0, dtype=torch.float64)
+            if self.method.needs_covariance:
+                if layer not in self.moments:
+                    self.moments[layer] = Moments(self.dim, device=diff.device)
+                self.moments[layer].update(diff)
+        self.count += n
+
+    def all_reduce(self, group: ProcessGroup | None, device: torch.device | None) -> None:
+        """Sum over the processes of ``group`` (a process with no prompts takes part too)."""
+        dev = device or next(iter(self.sums.values()), torch.zeros(0)).device
+        packed = torch.zeros(len(self.layers) + 1, self.dim, dtype=torch.float64, device=dev)
+        for i, layer in enumerate(self.layers):
+            if layer in self.sums:
+                packed[i] = self.sums[layer].to(dev)
+        packed[-1, 0] = self.count
+        all_reduce_sum_(packed, group)
+        self.sums = {layer: packed[i] for i, layer in enumerate(self.layers)}
+        self.count = int(round(float(packed[-1, 0])))
+        if self.method.needs_covariance:
+            for layer in self.layers:
+                m = self.moments.get(layer)
+                if m is None:  # this process had no prompts
+                    m = self.moments[layer] = Moments(self.dim, device=dev)
+                m.all_reduce(group)
+
+    def vectors(self) -> torch.Tensor:
+        """The direction of every layer [len(layers), d] (float32, CPU)."""
+        if self.count == 0:
+            raise ValueError("no prompts were processed")
+        rows = []
+        for layer in self.layers:
+            mean = self.sums[layer] / self.count
+            rows.append(self.method.finalize(mean, self.moments.get(layer)).float().cpu())
+        return torch.stack(rows)
+
+
+@dataclass
+class DirectionPlan:
+    """A checked extraction: the two sides, the layers and the models' shapes."""
+
+    locked: Side
+    unlocked: Side
     layers: list[int]
-    method: str
-    num_prompts: int
-    model: ModelInfo
-    unlocked_model: ModelInfo | None = None
+    info: ModelInfo
+    unlocked_info: ModelInfo | None
 
-    def __post_init__(self) -> None:
-        want = (len(self.layers), self.model.hidden_size)
-        if self.vectors.dim() != 2 or tuple(self.vectors.shape) != want:
-            raise ValueError(f"vectors must be {list(want)}, got {list(self.vectors.shape)}")
 
-    def __repr__(self) -> str:
-        return (
-            f"Direction(model={self.model.name!r}, method={self.method!r}, "
-            f"contrast={self.contrast!r}, layers={len(self.layers)}, "
-            f"hidden_size={self.model.hidden_size}, num_prompts={self.num_prompts})"
-        )
-
-    @property
-    def contrast(self) -> str:
-        """'prompt' (one model, two templates) or 'model' (two models)."""
-        return "prompt" if self.unlocked_model is None else "model"
-
-    def vector(self, layer: int) -> torch.Tensor:
-        """The direction at decoder layer ``layer`` [hidden_size]."""
-        if layer not in self.layers:
-            raise KeyError(f"layer {layer} is not in this direction (layers {self.layers})")
-        return self.vectors[self.layers.index(layer)]
-
-    def as_key(self) -> Any:
-        """This direction as a SteeringKey for its own model (no transfer)."""
-        from .steering import SteeringKey
-
-        return SteeringKey(
-            vectors=self.vectors.clone(),
-            layers=list(self.layers),
-            model=self.model,
-            origin={"kind": "direction", "method": self.method, "num_prompts": self.num_prompts},
-        )
-
-    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
-        meta = {
-            "layers": self.layers,
-            "method": self.method,
-            "num_prompts": self.num_prompts,
-            "model": self.model.to_dict(),
-            "unlocked_model": None
-            if self.unlocked_model is None
-            else self.unlocked_model.to_dict(),
-        }
-        save_artifact(path, "direction", {"vectors": self.vectors}, meta)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike[str],
-        model: nn.Module | None = None,
-        *,
-        layer_path: str | None = None,
-        check_fingerprint: bool = True,
-    ) -> Direction:
-        """Load a direction; with ``model``, refuse it unless it was made for that model."""
-        _, tensors, meta = read_artifact(path, "direction")
-        info = ModelInfo.from_dict(meta["model"])
-        layers = [int(i) for i in meta["layers"]]
-        expect_shape("vectors", tensors["vectors"], (len(layers), info.hidden_size))
-        unl = meta.get("unlocked_model")
-        out = cls(
-            vectors=tensors["vectors"].float(),
-            layers=layers,
-            method=str(meta["method"]),
-            num_prompts=int(meta["num_prompts"]),
-            model=info,
-            unlocked_model=None if unl is None else ModelInfo.from_dict(unl),
-        )
-        if model is not None:
-            info.check(
-                model,
-                what="this direction",
-                layer_path=layer_path,
-                check_fingerprint=check_fingerprint,
+def plan_direction(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts_locked: Sequence[str],
+    prompts_unlocked: Sequence[str] | None,
+    *,
+    unlocked_model: nn.Module | None,
+    unlocked_tokenizer: Any,
+    method: str,
+    layers: Sequence[int] | None,
+    layer_path: str | None,
+    unlocked_layer_path: str | None,
+) -> DirectionPlan:
+    """Check the arguments of :func:`extract_direction` before any forward pass."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    locked = check_prompts("prompts_locked", prompts_locked)
+    if prompts_unlocked is None:
+        if unlocked_model is None:
+            raise ValueError(
+                "give prompts_unlocked (prompt contrast) or unlocked_model (model contrast)"
             )
-        return out
-
-
-def _check_prompts(name: str, prompts: Any) -> list[str]:
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise TypeError(f"{name} must be a list of str, got {type(prompts).__name__}")
-    if len(prompts) == 0:
-        raise ValueError(f"{name} must not be empty")
-    return list(prompts)
+        unlocked = locked
+    else:
+        unlocked = check_prompts("prompts_unlocked", prompts_unlocked)
+    if len(unlocked) != len(locked):
+        raise ValueError(
+            f"prompts_locked and prompts_unlocked must pair up: got {len(locked)} and "
+            f"{len(unlocked)} prompts"
+        )
+    other = model if unlocked_model is None else unlocked_model
+    other_tok = unlocked_tokenizer if unlocked_tokenizer is not None else tokenizer
+    other_path = unlocked_layer_path if unlocked_model is not None else layer_path
+    info = ModelInfo.of(model, layer_path)
+    other_info = ModelInfo.of(other, other_path)
+    if (other_info.hidden_size, other_info.num_layers) != (info.hidden_size, info.num_layers):
+        raise ValueError(
+            "the locked and unlocked models must have the same shape: hidden size "
+            f"{info.hidden_size} vs {other_info.hidden_size}, layers {info.num_layers} vs "
+            f"{other_info.num_layers}"
+        )
+    sel = resolve_layer_indices(len(decoder_layers(model, layer_path)), layers)
+    need = METHODS[method].min_prompts
+    if len(locked) < need:
+        raise ValueError(f"method={method!r} needs at least {need} prompts, got {len(locked)}")
+    return DirectionPlan(
+        locked=Side(model, tokenizer, locked, sel, layer_path),
+        unlocked=Side(other, other_tok, unlocked, sel, other_path),
+        layers=sel,
+        info=info,
+        unlocked_info=None if unlocked_model is None else other_info,
+    )
 
 
 def extract_direction(
@@ -155,7 +203,7 @@ def extract_direction(
     max_length: int | None = None,
     progress: bool = True,
     distributed: bool = False,
-    group: Any = None,
+    group: ProcessGroup | None = None,
 ) -> Direction:
     """Mean (or PCA) difference of last-prompt-token activations, per decoder layer.
 
@@ -167,121 +215,44 @@ def extract_direction(
     With ``distributed=True`` each process reads a shard of the prompts and the sums are
     all-reduced over ``group``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    locked = _check_prompts("prompts_locked", prompts_locked)
-    if prompts_unlocked is None:
-        if unlocked_model is None:
-            raise ValueError(
-                "give prompts_unlocked (prompt contrast) or unlocked_model (model contrast)"
-            )
-        unlocked = locked
-    else:
-        unlocked = _check_prompts("prompts_unlocked", prompts_unlocked)
-    if len(unlocked) != len(locked):
-        raise ValueError(
-            f"prompts_locked and prompts_unlocked must pair up: got {len(locked)} and "
-            f"{len(unlocked)} prompts"
-        )
-    other = model if unlocked_model is None else unlocked_model
-    other_tok = unlocked_tokenizer if unlocked_tokenizer is not None else tokenizer
-    other_path = unlocked_layer_path if unlocked_model is not None else layer_path
-    info = ModelInfo.of(model, layer_path)
-    other_info = ModelInfo.of(other, other_path)
-    if (other_info.hidden_size, other_info.num_layers) != (info.hidden_size, info.num_layers):
-        raise ValueError(
-            "the locked and unlocked models must have the same shape: hidden size "
-            f"{info.hidden_size} vs {other_info.hidden_size}, layers {info.num_layers} vs "
-            f"{other_info.num_layers}"
-        )
-    sel = resolve_layer_indices(len(decoder_layers(model, layer_path)), layers)
-    if method == "pca" and len(locked) < 2:
-        raise ValueError(f"method='pca' needs at least 2 prompts, got {len(locked)}")
-    if distributed:
-        require_distributed(group)
-    idx = shard(list(range(len(locked))), group) if distributed else list(range(len(locked)))
-    rank, _ = rank_and_world(group if distributed else None)
-
-    local_locked = [locked[i] for i in idx]
-    local_unlocked = [unlocked[i] for i in idx]
-    d = info.hidden_size
-    acc_dev = torch.device(device) if device is not None else None
-    sums: dict[int, torch.Tensor] = {}
-    moments: dict[int, Moments] = {}
-    count = 0
-    batches = plan_batches(tokenizer, local_locked, batch_size, max_length) if idx else []
-    first = dict(
-        model=model, tokenizer=tokenizer, prompts=local_locked, layers=sel, layer_path=layer_path
-    )
-    second = dict(
-        model=other, tokenizer=other_tok, prompts=local_unlocked, layers=sel, layer_path=other_path
-    )
-    bar = progress_bar(len(idx), "direction", progress and rank == 0)
-    try:
-        with paired_activations(
-            first, second, batches, device=device, dtype=dtype, max_length=max_length
-        ) as pairs:
-            for lo, hi in pairs:
-                for layer in sel:
-                    diff = hi.rows[layer].float() - lo.rows[layer].float()
-                    if layer not in sums:
-                        sums[layer] = torch.zeros(d, dtype=torch.float64, device=diff.device)
-                    sums[layer] += diff.sum(0, dtype=torch.float64)
-                    if method == "pca":
-                        if layer not in moments:
-                            moments[layer] = Moments(d, device=diff.device)
-                        moments[layer].update(diff)
-                count += len(lo.indices)
-                bar.update(len(lo.indices))
-    finally:
-        bar.close()
-
-    if distributed:
-        dev = acc_dev or next(iter(sums.values()), torch.zeros(0)).device
-        packed = torch.zeros(len(sel) + 1, d, dtype=torch.float64, device=dev)
-        for i, layer in enumerate(sel):
-            if layer in sums:
-                packed[i] = sums[layer].to(dev)
-        packed[-1, 0] = count
-        all_reduce_sum_(packed, group)
-        sums = {layer: packed[i] for i, layer in enumerate(sel)}
-        count = int(round(float(packed[-1, 0])))
-        if method == "pca":
-            moments = _all_reduce_moments(moments, sel, d, dev, group)
-    if count == 0:
-        raise ValueError("no prompts were processed")
-
-    rows = []
-    for layer in sel:
-        mean = sums[layer] / count
-        if method == "mean":
-            rows.append(mean.float().cpu())
-            continue
-        cov = moments[layer].gram("xx", centered=True)
-        _, vec = ops.eigh_topk(cov, 1)
-        v = vec[:, 0].to(torch.float64)
-        v = v / v.norm().clamp_min(1e-300)
-        if float(v @ mean.to(v.device)) < 0:
-            v = -v
-        rows.append(v.float().cpu())
-    return Direction(
-        vectors=torch.stack(rows),
-        layers=sel,
+    plan = plan_direction(
+        model,
+        tokenizer,
+        prompts_locked,
+        prompts_unlocked,
+        unlocked_model=unlocked_model,
+        unlocked_tokenizer=unlocked_tokenizer,
         method=method,
-        num_prompts=count,
-        model=info,
-        unlocked_model=None if unlocked_model is None else other_info,
+        layers=layers,
+        layer_path=layer_path,
+        unlocked_layer_path=unlocked_layer_path,
     )
+    acc = DirectionAccumulator(plan.layers, plan.info.hidden_size, method)
+    with lockstep(
+        [plan.locked, plan.unlocked],
+        desc="direction",
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        max_length=max_length,
+        progress=progress,
+        distributed=distributed,
+        group=group,
+    ) as batches:
+        for lo, hi in batches:
+            acc.update(lo.rows, hi.rows)
+    if distributed:
+        acc.all_reduce(group, torch.device(device) if device is not None else None)
+    return finish_direction(plan, acc)
 
 
-def _all_reduce_moments(
-    moments: dict[int, Moments], sel: list[int], d: int, dev: torch.device, group: Any
-) -> dict[int, Moments]:
-    out = {}
-    for layer in sel:
-        m = moments.get(layer)
-        if m is None:  # this process had no prompts
-            m = Moments(d, device=dev)
-        m.all_reduce(group)
-        out[layer] = m
-    return out
+def finish_direction(plan: DirectionPlan, acc: DirectionAccumulator) -> Direction:
+    """The Direction artifact of a finished accumulation."""
+    return Direction(
+        vectors=acc.vectors(),
+        layers=plan.layers,
+        method=acc.method.name,
+        num_prompts=acc.count,
+        model=plan.info,
+        unlocked_model=plan.unlocked_info,
+    )

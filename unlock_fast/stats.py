@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from . import ops
 
@@ -48,7 +49,7 @@ class Moments:
             raise ValueError(f"dim_y must be a positive int or None, got {dim_y!r}")
         self.dim_x, self.dim_y = dim_x, dim_y
         self.device = torch.device(device)
-        f32 = dict(dtype=torch.float32, device=self.device)
+        f32: dict[str, Any] = {"dtype": torch.float32, "device": self.device}
         self.count = 0.0  # sum of weights
         self.rows = 0
         self.shift_x: torch.Tensor | None = None
@@ -78,8 +79,8 @@ class Moments:
     ) -> Moments:
         """Add a batch of rows (fp32, fp16 or bf16; torch, NumPy or CuPy) with optional
         non-negative weights [n] (a 0/1 row mask is a weight)."""
-        x = ops._as_tensor(x, "x")
-        y = None if y is None else ops._as_tensor(y, "y")
+        x = ops.core.as_tensor(x, "x")
+        y = None if y is None else ops.core.as_tensor(y, "y")
         if x.dim() != 2 or x.shape[1] != self.dim_x:
             raise ValueError(f"x must be [n, {self.dim_x}], got {list(x.shape)}")
         if (y is None) == self.paired:
@@ -92,7 +93,7 @@ class Moments:
             raise ValueError(f"y must be [{x.shape[0]}, {self.dim_y}], got {list(y.shape)}")
         w = None
         if weight is not None:
-            w = ops._as_tensor(weight, "weight")
+            w = ops.core.as_tensor(weight, "weight")
             if not w.is_floating_point() and w.dtype != torch.bool:
                 raise TypeError(f"weight must be a float or bool tensor, got {w.dtype}")
             if tuple(w.shape) != (x.shape[0],):
@@ -183,7 +184,7 @@ class Moments:
             out["gram_xx"] = torch.zeros(
                 self.dim_x, self.dim_x, dtype=torch.float64, device=self.device
             )
-            if self.paired:
+            if self.dim_y is not None:
                 dy = self.dim_y
                 out["sum_y"] = torch.zeros(dy, dtype=torch.float64, device=self.device)
                 out["gram_yy"] = torch.zeros(dy, dy, dtype=torch.float64, device=self.device)
@@ -201,7 +202,8 @@ class Moments:
             + n * torch.outer(dx, dx)
         )
         if self.paired:
-            assert self.shift_y is not None and shift_y is not None
+            assert self.shift_y is not None
+            assert shift_y is not None
             dy_ = self.shift_y.double() - shift_y.double()
             ty = self.sum_y.double()
             out["sum_y"] = ty + n * dy_
@@ -268,7 +270,7 @@ class Moments:
         self._store(shift_x, shift_y, total, self.count + other.count, self.rows + other.rows)
         return self
 
-    def all_reduce(self, group: Any = None) -> Moments:
+    def all_reduce(self, group: dist.ProcessGroup | None = None) -> Moments:
         """Sum this accumulator over the processes of ``group`` in place, and return self.
 
         Every process ends with the statistics of all rows. Shifts may differ per process:
@@ -276,11 +278,9 @@ class Moments:
         The tensors travel on this accumulator's device (use gloo for CPU, NCCL for CUDA).
         A no-op when torch.distributed is not initialised.
         """
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        f64 = dict(dtype=torch.float64, device=self.device)
+        f64: dict[str, Any] = {"dtype": torch.float64, "device": self.device}
         dy = self.dim_y or 0
         # 1) global count, rows and weighted sum of the local means -> a common shift
         head = torch.zeros(2 + self.dim_x + dy, **f64)
@@ -326,7 +326,7 @@ class Moments:
         )
         state["sum_x"] = self.sum_x.clone()
         state["gram_xx"] = _symmetric(self.gram_xx_s).contiguous()
-        if self.paired:
+        if self.dim_y is not None:
             state["shift_y"] = (
                 zeros(self.dim_y, device=self.device)
                 if self.shift_y is None

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from . import ops, reference
-from .artifacts import ModelInfo, expect_shape, read_artifact, save_artifact
+from .artifacts import KeyLike, ModelInfo, SteeringKey
 from .capture import last_positions, layer_output
 from .layers import (
     decoder_layers,
@@ -39,81 +38,21 @@ from .layers import (
     resolve_layer_indices,
 )
 
-__all__ = ["SteeringKey", "SteeringHandle", "steer", "MODES", "POSITIONS"]
+__all__ = ["Key", "SteeringHandle", "steer", "MODES", "POSITIONS"]
 
 MODES = ("rotate", "add")
 POSITIONS = ("last_prompt", "prompt", "generated", "all")
 
 
-@dataclass(repr=False)
-class SteeringKey:
-    """Per-layer steering vectors for one model.
-
-    vectors: [len(layers), hidden_size] float32; row i is applied after decoder layer
-    layers[i]. origin: how the key was made (transfer settings, source model, ...).
-    """
-
-    vectors: torch.Tensor
-    layers: list[int]
-    model: ModelInfo
-    origin: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        want = (len(self.layers), self.model.hidden_size)
-        if self.vectors.dim() != 2 or tuple(self.vectors.shape) != want:
-            raise ValueError(f"vectors must be {list(want)}, got {list(self.vectors.shape)}")
-        bad = [i for i in self.layers if not 0 <= i < self.model.num_layers]
-        if bad:
-            raise ValueError(f"layers {bad} are out of range for {self.model.num_layers} layers")
-
-    def __repr__(self) -> str:
-        return (
-            f"SteeringKey(model={self.model.name!r}, layers={len(self.layers)}, "
-            f"hidden_size={self.model.hidden_size}, origin={self.origin.get('kind')!r})"
-        )
-
-    def vector(self, layer: int) -> torch.Tensor:
-        if layer not in self.layers:
-            raise KeyError(f"layer {layer} is not in this key (layers {self.layers})")
-        return self.vectors[self.layers.index(layer)]
-
-    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
-        meta = {"layers": self.layers, "model": self.model.to_dict(), "origin": self.origin}
-        save_artifact(path, "steering_key", {"vectors": self.vectors}, meta)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike[str],
-        model: nn.Module | None = None,
-        *,
-        layer_path: str | None = None,
-        check_fingerprint: bool = True,
-    ) -> SteeringKey:
-        """Load a key; with ``model``, refuse it unless it was made for that model."""
-        _, tensors, meta = read_artifact(path, "steering_key")
-        info = ModelInfo.from_dict(meta["model"])
-        layers = [int(i) for i in meta["layers"]]
-        expect_shape("vectors", tensors["vectors"], (len(layers), info.hidden_size))
-        key = cls(tensors["vectors"].float(), layers, info, dict(meta.get("origin") or {}))
-        if model is not None:
-            info.check(
-                model,
-                what="this steering key",
-                layer_path=layer_path,
-                check_fingerprint=check_fingerprint,
-            )
-        return key
+Key = KeyLike | Sequence[KeyLike | None] | torch.Tensor
 
 
 def _normalise_key(
-    key: Any, info: ModelInfo, check_fingerprint: bool
+    key: Key, info: ModelInfo, check_fingerprint: bool
 ) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
     """Return (vectors [L_sel, d] or [B, L_sel, d], layers, row_on [B] bool or None)."""
-    from .direction import Direction
-
     d_model, num_layers = info.hidden_size, info.num_layers
-    if isinstance(key, Direction):
+    if isinstance(key, KeyLike):
         key = key.as_key()
     if isinstance(key, SteeringKey):
         key.model.check(info, what="this steering key", check_fingerprint=check_fingerprint)
@@ -130,13 +69,13 @@ def _normalise_key(
     if isinstance(key, (list, tuple)):
         if not key:
             raise ValueError("a list of keys must not be empty")
-        real = [k for k in key if k is not None]
-        if not real:
+        given = [k for k in key if k is not None]
+        if not given:
             raise ValueError("a list of keys needs at least one SteeringKey (None skips a row)")
         for i, k in enumerate(key):
-            if k is not None and not isinstance(k, (SteeringKey, Direction)):
+            if k is not None and not isinstance(k, KeyLike):
                 raise TypeError(f"key[{i}] must be a SteeringKey or None, got {type(k).__name__}")
-        real = [k.as_key() if isinstance(k, Direction) else k for k in real]
+        real = [k.as_key() for k in given if isinstance(k, KeyLike)]
         layers = list(real[0].layers)
         for k in real:
             k.model.check(info, what="this steering key", check_fingerprint=check_fingerprint)
@@ -151,8 +90,9 @@ def _normalise_key(
         on = torch.tensor([k is not None for k in key])
         return torch.stack(rows), layers, on
     raise TypeError(
-        "key must be a SteeringKey, a Direction, a list of SteeringKeys (one per row), or a "
-        f"tensor [L, d] / [B, L, d]; got {type(key).__name__}"
+        "key must be a SteeringKey, a Direction (anything with as_key()), a list of "
+        "SteeringKeys (one per row), or a tensor [L, d] / [B, L, d]; got "
+        f"{type(key).__name__}"
     )
 
 
@@ -258,7 +198,7 @@ class SteeringHandle:
                 pass
         return dict(kwargs)
 
-    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _pre_hook(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         a = self._arguments(args, kwargs)
         x = a.get("input_ids")
         if x is None:
@@ -325,8 +265,8 @@ class SteeringHandle:
             v = self._vec_cache[k] = v.to(device=device, dtype=torch.float32).contiguous()
         return v
 
-    def _layer_hook(self, i: int):
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+    def _layer_hook(self, i: int) -> Callable[[nn.Module, Any, Any], Any]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
             call = self._call
             if call is None:
                 return None
@@ -358,7 +298,7 @@ def _replace(output: Any, h: torch.Tensor) -> Any:
 
 def steer(
     model: nn.Module,
-    key: Any,
+    key: Key,
     alpha: float = 0.1,
     mode: str = "rotate",
     positions: str = "last_prompt",

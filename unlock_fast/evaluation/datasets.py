@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from .grading import last_boxed
+from .problem import Problem
+from .problems import generate_problems
 
 __all__ = [
     "Problem",
@@ -31,21 +34,6 @@ __all__ = [
 
 class DatasetError(ValueError):
     """A dataset that cannot be read or understood."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One evaluation item. ``answer`` is the reference final answer as text (a number, or
-    LaTeX for MATH); ``solution`` a worked solution when the source has one."""
-
-    id: str
-    question: str
-    answer: str
-    solution: str | None = None
-    source: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _clean_number(text: str) -> str:
@@ -73,8 +61,6 @@ _A_KEYS = ("answer", "target", "output", "final_answer")
 
 def from_record(row: dict[str, Any], *, format: str = "auto", index: int = 0) -> Problem:
     """Turn one JSON record into a :class:`Problem` (see the module doc for formats)."""
-    from .grading import last_boxed
-
     if not isinstance(row, dict):
         raise DatasetError(f"record {index} must be a JSON object, got {type(row).__name__}")
     fmt = _detect(row) if format == "auto" else format
@@ -86,15 +72,15 @@ def from_record(row: dict[str, Any], *, format: str = "auto", index: int = 0) ->
             rid, str(row["question"]), _clean_number(final), sol.strip() or None, "gsm8k"
         )
     if fmt == "math":
-        sol = row.get("solution")
-        ans = row.get("answer")
-        if ans is None and sol is not None:
-            ans = last_boxed(str(sol))
+        solution = row.get("solution")
+        ans = None if row.get("answer") is None else str(row["answer"])
+        if ans is None and solution is not None:
+            ans = last_boxed(str(solution))
         if ans is None:
             raise DatasetError(
                 f"MATH record {index} has no answer field and no \\boxed{{}} solution"
             )
-        return Problem(rid, str(row["problem"]), str(ans).strip(), sol, "math")
+        return Problem(rid, str(row["problem"]), str(ans).strip(), solution, "math")
     if fmt == "svamp":
         body, q = str(row["Body"]).strip(), str(row["Question"]).strip()
         question = f"{body} {q}" if body else q
@@ -190,8 +176,6 @@ def load_dataset_spec(
     ``builtin`` (generated word problems, ``limit`` of them, default 100), a path to a
     ``.jsonl`` file, or a hub dataset name.
     """
-    from .problems import generate_problems
-
     if spec in ("builtin", "arith", "arithmetic"):
         return generate_problems(100 if limit is None else limit, seed=seed)
     if spec.endswith((".jsonl", ".json")) or Path(spec).exists():

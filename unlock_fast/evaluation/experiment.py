@@ -21,7 +21,11 @@ from typing import Any
 
 import torch
 
-from .datasets import Problem
+from ..alignment import collect_alignment_stats
+from ..artifacts import Alignment, AlignmentReport, AlignmentStats, Direction, SteeringKey
+from ..direction import extract_direction
+from ..transfer import collect_transfer
+from .problem import Problem
 from .prompts import format_prompts
 
 __all__ = [
@@ -59,12 +63,12 @@ class TransferRun:
     without held-out items).
     """
 
-    direction: Any
-    stats: Any
-    alignment: Any
-    key: Any
-    heldout_stats: Any = None
-    diagnostics: Any = None
+    direction: Direction | None
+    stats: AlignmentStats
+    alignment: Alignment
+    key: SteeringKey | None
+    heldout_stats: AlignmentStats | None = None
+    diagnostics: AlignmentReport | None = None
 
 
 def run_transfer(
@@ -84,12 +88,15 @@ def run_transfer(
     target_chat: bool | str = False,
     batch_size: int = 8,
     progress: bool = True,
+    with_direction: bool = True,
 ) -> TransferRun:
     """Direction on the Source (direct vs CoT prompt), alignment on the direct prompt,
-    transfer, and held-out diagnostics when ``heldout`` is given."""
-    from ..alignment import collect_alignment_stats
-    from ..direction import extract_direction
+    transfer, and held-out diagnostics when ``heldout`` is given.
 
+    The Source's direct-prompt pass feeds the direction and the alignment at once
+    (:func:`~unlock_fast.collect_transfer`). With ``with_direction=False`` only the
+    alignment is made (the run's ``direction`` and ``key`` are None).
+    """
     if not train:
         raise ValueError("train must hold at least one problem")
     if heldout:
@@ -98,28 +105,37 @@ def run_transfer(
     s_locked = format_prompts(q, "direct", tokenizer=source_tokenizer, chat=source_chat)
     s_unlocked = format_prompts(q, "cot", tokenizer=source_tokenizer, chat=source_chat)
     t_locked = format_prompts(q, "direct", tokenizer=target_tokenizer, chat=target_chat)
-    direction = extract_direction(
-        source_model,
-        source_tokenizer,
-        s_locked,
-        s_unlocked,
-        method=method,
-        batch_size=batch_size,
-        progress=progress,
-    )
-    stats = collect_alignment_stats(
-        source_model,
-        source_tokenizer,
-        target_model,
-        target_tokenizer,
-        s_locked,
-        target_prompts=t_locked,
-        layer_map=layer_map,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    direction: Direction | None = None
+    key: SteeringKey | None = None
+    if with_direction:
+        direction, stats = collect_transfer(
+            source_model,
+            source_tokenizer,
+            target_model,
+            target_tokenizer,
+            s_locked,
+            s_unlocked,
+            target_prompts=t_locked,
+            method=method,
+            layer_map=layer_map,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    else:
+        stats = collect_alignment_stats(
+            source_model,
+            source_tokenizer,
+            target_model,
+            target_tokenizer,
+            s_locked,
+            target_prompts=t_locked,
+            layer_map=layer_map,
+            batch_size=batch_size,
+            progress=progress,
+        )
     alignment = stats.fit(rank=rank, centered=centered, ridge=ridge)
-    key = alignment.transfer(direction)
+    if direction is not None:
+        key = alignment.transfer(direction)
     run = TransferRun(direction, stats, alignment, key)
     if heldout:
         hq = [p.question for p in heldout]
@@ -149,10 +165,8 @@ def target_direction(
     method: str = "mean",
     batch_size: int = 8,
     progress: bool = True,
-) -> Any:
+) -> Direction:
     """A model's own CoT direction (direct vs CoT prompt) on ``problems``."""
-    from ..direction import extract_direction
-
     q = [p.question for p in problems]
     return extract_direction(
         model,
@@ -165,7 +179,12 @@ def target_direction(
     )
 
 
-def rank_sweep(stats: Any, heldout_stats: Any, ranks: Sequence[int], **fit: Any) -> dict[int, Any]:
+def rank_sweep(
+    stats: AlignmentStats,
+    heldout_stats: AlignmentStats,
+    ranks: Sequence[int],
+    **fit: Any,  # keywords of AlignmentStats.fit_ranks
+) -> dict[int, AlignmentReport]:
     """Held-out diagnostics (AlignmentReport) of the alignment at each rank."""
     ranks = sorted({int(r) for r in ranks})
     fitted = stats.fit_ranks(ranks, **fit)
@@ -210,10 +229,10 @@ class CosineEvidence:
 
 
 def key_cosines(
-    key: Any,
-    own: Any,
+    key: SteeringKey,
+    own: Direction,
     *,
-    alignment: Any = None,
+    alignment: Alignment | None = None,
     num_random: int = 200,
     seed: int = 0,
 ) -> CosineEvidence:

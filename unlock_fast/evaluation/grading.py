@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
+from .._optional import require
+
 __all__ = [
     "DEFAULT_STOP_MARKERS",
     "Extraction",
@@ -142,16 +144,13 @@ def parse_number(text: str) -> Fraction | None:
 
 
 def _math_verify(pred: str, ref: str) -> bool:
+    mv = require("math_verify", "eval", "Grading LaTeX answers")
     try:
-        from math_verify import parse, verify
-    except ImportError:  # a declared dependency; keep plain string equality as a last resort
-        return pred.strip() == ref.strip()
-    try:
-        gold = parse(f"${ref}$")
-        got = parse(f"${pred}$")
+        gold = mv.parse(f"${ref}$")
+        got = mv.parse(f"${pred}$")
         if not gold or not got:
             return False
-        return bool(verify(gold, got))
+        return bool(mv.verify(gold, got))
     except Exception:  # the parser raises on malformed LaTeX; that is just "not equal"
         return False
 

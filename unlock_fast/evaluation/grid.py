@@ -17,13 +17,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..alignment import collect_alignment_stats
+from ..artifacts import Direction
+from ..direction import extract_direction
 from .datasets import Problem
 from .experiment import check_disjoint
 from .metrics import Accuracy
 from .prompts import format_prompts
 from .runner import CONDITIONS, EvaluationResult, evaluate_conditions
 
-__all__ = ["GridPoint", "GridResult", "grid_search"]
+__all__ = ["GridPoint", "GridResult", "grid_search", "select_point"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,14 @@ class GridPoint:
         return (-self.heldout.value, -self.step_rate, self.alpha, self.rank, self.n)
 
 
+def select_point(points: Sequence[GridPoint]) -> GridPoint:
+    """The setting to evaluate on ``test``: the highest held-out accuracy, then the highest
+    step rate, then the smaller alpha, rank and N; on a full tie, the earliest point."""
+    if not points:
+        raise ValueError("select_point needs at least one grid point, got none")
+    return min(points, key=GridPoint.sort_key)
+
+
 @dataclass
 class GridResult:
     """All held-out scores, the selected setting, and its test evaluation."""
@@ -65,10 +76,8 @@ class GridResult:
         }
 
 
-def _combine_mean(prev: Any, new: Any) -> Any:
+def _combine_mean(prev: Direction, new: Direction) -> Direction:
     """Direction of the union of two disjoint prompt sets (mean method)."""
-    from ..direction import Direction
-
     n = prev.num_prompts + new.num_prompts
     vec = (prev.vectors * prev.num_prompts + new.vectors * new.num_prompts) / n
     return Direction(vec, list(prev.layers), prev.method, n, prev.model, prev.unlocked_model)
@@ -97,9 +106,6 @@ def grid_search(
     progress: bool = True,
 ) -> GridResult:
     """Grid over rank x alpha x N, selected on ``heldout``, scored once on ``test``."""
-    from ..alignment import collect_alignment_stats
-    from ..direction import extract_direction
-
     if not heldout or not test or not train:
         raise ValueError("train, heldout and test must all be non-empty")
     check_disjoint(train=train, heldout=heldout, test=test)
@@ -164,7 +170,7 @@ def grid_search(
                     GridPoint(rank, float(alpha), n, c.accuracy, c.step_rate, c.mean_tokens)
                 )
                 keys[(rank, float(alpha), n)] = key
-    best = min(points, key=GridPoint.sort_key)
+    best = select_point(points)
     key = keys[(best.rank, best.alpha, best.n)]
     test_res = evaluate_conditions(
         target_model,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from .datasets import Problem
+from .problem import Problem
 
 __all__ = ["generate_problems", "problem_splits", "PROBLEM_KINDS"]
 

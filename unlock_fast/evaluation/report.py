@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._optional import require
 from .runner import EvaluationResult
 
 __all__ = [
@@ -107,12 +108,18 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cannot write {type(o).__name__} as JSON")
 
 
-def _figure(width: float = 7.0, height: float = 4.2) -> tuple[Any, Any]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def _new_figure(width: float, height: float) -> Any:
+    """A matplotlib Figure on the Agg canvas (no display needed)."""
+    require("matplotlib", "plots", "Drawing plots")
+    agg = require("matplotlib.backends.backend_agg", "plots", "Drawing plots")
+    figure = require("matplotlib.figure", "plots", "Drawing plots")
+    fig = figure.Figure(figsize=(width, height), dpi=110)
+    agg.FigureCanvasAgg(fig)
+    return fig
 
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
+
+def _figure(width: float = 7.0, height: float = 4.2) -> tuple[Any, Any]:
+    fig = _new_figure(width, height)
     return fig, fig.add_subplot(1, 1, 1)
 
 
@@ -168,12 +175,8 @@ def plot_accuracy_vs_alpha(
     """``curves``: condition -> [(alpha, accuracy, ci_low, ci_high), ...]. A condition with one
     point at alpha 0 (unsteered) is drawn as a horizontal line with its band. With
     ``step_curves`` (same form, share of outputs showing steps) a second panel is added."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     panels = 2 if step_curves else 1
-    fig = Figure(figsize=(6.0 * panels, 4.2), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = _new_figure(6.0 * panels, 4.2)
     ax = fig.add_subplot(1, panels, 1)
     _draw_rates(ax, curves, "accuracy (%) with 95% CI")
     ax.set_title(title)
@@ -250,7 +253,5 @@ def plot_key_cosine(cosines: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def _colormap(n: int) -> list[Any]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["viridis"]
+    cmap = require("matplotlib", "plots", "Drawing plots").colormaps["viridis"]
     return [cmap(i / max(1, n - 1) * 0.9) for i in range(n)]

@@ -23,10 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import StoppingCriteriaList
 
-from .datasets import Problem
+from ..artifacts import KeyLike, SteeringKey
+from ..capture import progress_bar
+from ..steering import steer
 from .grading import DEFAULT_STOP_MARKERS, extract_answer, is_equivalent, shows_steps
 from .metrics import Accuracy, PairedComparison, accuracy, mean, paired_comparison, rate
+from .problem import Problem
 from .prompts import format_prompts
 
 __all__ = [
@@ -50,10 +54,8 @@ _DESCRIPTIONS = {
 GENERATION_STOP_STRINGS = ["\nQuestion:", "\nProblem:", "\n\n\n"]
 
 
-def random_key_like(key: Any, *, seed: int = 0) -> Any:
+def random_key_like(key: SteeringKey, *, seed: int = 0) -> SteeringKey:
     """A SteeringKey with Gaussian random vectors of the same per-layer norms as ``key``."""
-    from ..steering import SteeringKey
-
     if not isinstance(key, SteeringKey):
         raise TypeError(f"key must be a SteeringKey, got {type(key).__name__}")
     gen = torch.Generator().manual_seed(seed)
@@ -76,7 +78,7 @@ class _StopOnText:
         self.window = window
         self.done: torch.Tensor | None = None
 
-    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, _scores: Any = None, **_: Any) -> torch.Tensor:
         b = input_ids.shape[0]
         if self.done is None or self.done.shape[0] != b:
             self.done = torch.zeros(b, dtype=torch.bool)
@@ -113,7 +115,7 @@ def generate(
     *,
     max_new_tokens: int = 128,
     batch_size: int = 8,
-    key: Any = None,
+    key: KeyLike | None = None,
     alpha: float = 0.1,
     mode: str = "rotate",
     positions: str = "last_prompt",
@@ -125,8 +127,6 @@ def generate(
     Returns one :class:`Generated` per prompt, in the order given. ``progress`` is called
     with the number of prompts finished after each batch.
     """
-    from ..steering import steer
-
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of str, not one str")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -149,8 +149,6 @@ def generate(
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
         enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
         if stop_strings:
-            from transformers import StoppingCriteriaList
-
             stop = _StopOnText(tokenizer, enc["input_ids"].shape[1], stop_strings)
             gen_kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
         with torch.inference_mode():
@@ -282,7 +280,7 @@ def evaluate_conditions(
     tokenizer: Any,
     problems: Sequence[Problem],
     *,
-    key: Any = None,
+    key: SteeringKey | None = None,
     alpha: float = 0.1,
     conditions: Sequence[str] = CONDITIONS,
     chat: bool | str = False,
@@ -291,7 +289,7 @@ def evaluate_conditions(
     max_new_tokens: int = 128,
     batch_size: int = 8,
     seed: int = 0,
-    random_key: Any = None,
+    random_key: SteeringKey | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
     """Run ``conditions`` (any of :data:`CONDITIONS`) on ``problems`` with the Target.
@@ -300,8 +298,6 @@ def evaluate_conditions(
     control draws a key of the same per-layer norms with ``seed`` unless ``random_key`` is
     given.
     """
-    from ..capture import progress_bar
-
     conditions = list(conditions)
     bad = [c for c in conditions if c not in CONDITIONS]
     if bad or not conditions:
@@ -315,7 +311,7 @@ def evaluate_conditions(
         "direct": format_prompts(questions, "direct", tokenizer=tokenizer, chat=chat),
         "cot": format_prompts(questions, "cot", tokenizer=tokenizer, chat=chat),
     }
-    if "random" in conditions and random_key is None:
+    if "random" in conditions and random_key is None and key is not None:
         random_key = random_key_like(key, seed=seed)
     results: dict[str, ConditionResult] = {}
     bar = progress_bar(len(problems) * len(conditions), "evaluate", progress)

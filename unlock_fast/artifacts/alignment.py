@@ -1,0 +1,428 @@
+"""The alignment's artifacts: streamed statistics, the fitted map, and its diagnostics.
+
+:class:`AlignmentStats` holds one paired :class:`~unlock_fast.stats.Moments` of Source rows
+H_s [N, d_s] and Target rows H_t [N, d_t] per layer pair; they merge and all-reduce, so N
+is not bounded by memory. :class:`Alignment` is the map fitted from them in Gram form
+(:mod:`unlock_fast.estimator`), stored factored as T = E_s M E_tᵀ per pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from ..distributed import all_reduce_sum_
+from ..estimator import EIG_RTOL, Factors, check_solver_settings, fit_factors, heldout_errors
+from ..stats import Moments
+from .direction import Direction
+from .key import SteeringKey
+from .model_info import ModelInfo
+from .report import AlignmentReport
+from .store import PathLike, expect_shape, read_artifact, register_kind, save_artifact
+
+__all__ = ["Alignment", "AlignmentReport", "AlignmentStats"]
+
+
+@dataclass(repr=False)
+class AlignmentStats:
+    """Streaming statistics for the alignment: one paired Moments per (s, t) layer pair.
+
+    moments[i] holds x = Source rows at layer layer_map[i][0] and y = Target rows at layer
+    layer_map[i][1]. Cheap to refit at any rank (:meth:`fit`, :meth:`fit_ranks`).
+    """
+
+    layer_map: list[tuple[int, int]]
+    moments: list[Moments]
+    source: ModelInfo
+    target: ModelInfo
+    token_level: bool = False
+    num_prompts: int = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"AlignmentStats(source={self.source.name!r}, target={self.target.name!r}, "
+            f"pairs={len(self.layer_map)}, num_rows={self.num_rows}, "
+            f"token_level={self.token_level})"
+        )
+
+    @property
+    def num_rows(self) -> int:
+        """Number of paired rows N (prompts, or tokens when token_level)."""
+        return int(self.moments[0].rows) if self.moments else 0
+
+    def _check_compatible(self, other: AlignmentStats) -> None:
+        if not isinstance(other, AlignmentStats):
+            raise TypeError(f"expected AlignmentStats, got {type(other).__name__}")
+        mine = (self.layer_map, self.source, self.target, self.token_level)
+        theirs = (other.layer_map, other.source, other.target, other.token_level)
+        if mine != theirs:
+            raise ValueError(
+                "these statistics cannot be merged: layer map, models or token level differ "
+                f"({mine} vs {theirs})"
+            )
+
+    def merge(self, other: AlignmentStats) -> AlignmentStats:
+        """Add ``other``'s rows to these statistics (in place); returns self."""
+        self._check_compatible(other)
+        self.moments = [_merged(a, b) for a, b in zip(self.moments, other.moments, strict=True)]
+        self.num_prompts += other.num_prompts
+        return self
+
+    def all_reduce(self, group: ProcessGroup | None = None) -> AlignmentStats:
+        """Sum the statistics over the processes of ``group`` (torch.distributed), in place."""
+        for m in self.moments:
+            m.all_reduce(group)
+        n = torch.tensor([float(self.num_prompts)], dtype=torch.float64)
+        if self.moments:
+            n = n.to(self.moments[0].device)
+        all_reduce_sum_(n, group)
+        self.num_prompts = int(round(float(n)))
+        return self
+
+    def fit(
+        self,
+        rank: int = 64,
+        centered: bool = False,
+        ridge: float = 0.0,
+        *,
+        eig_rtol: float = EIG_RTOL,
+        oversample: int = 10,
+        n_iter: int = 4,
+        seed: int = 0,
+    ) -> Alignment:
+        """The alignment of rank k = min(rank, N, d_s, d_t) from these statistics."""
+        return self.fit_ranks(
+            [rank],
+            centered,
+            ridge,
+            eig_rtol=eig_rtol,
+            oversample=oversample,
+            n_iter=n_iter,
+            seed=seed,
+        )[rank]
+
+    def fit_ranks(
+        self,
+        ranks: Sequence[int],
+        centered: bool = False,
+        ridge: float = 0.0,
+        *,
+        eig_rtol: float = EIG_RTOL,
+        oversample: int = 10,
+        n_iter: int = 4,
+        seed: int = 0,
+    ) -> dict[int, Alignment]:
+        """Alignments for several ranks from one eigendecomposition per layer pair."""
+        ranks = check_solver_settings(ranks, ridge, eig_rtol)
+        factors = fit_factors(
+            self.moments,
+            ranks,
+            centered=centered,
+            ridge=ridge,
+            eig_rtol=eig_rtol,
+            oversample=oversample,
+            n_iter=n_iter,
+            seed=seed,
+        )
+        return {
+            r: Alignment(
+                layer_map=list(self.layer_map),
+                source_basis=f.source_basis,
+                core=f.core,
+                target_basis=f.target_basis,
+                eigenvalues=f.eigenvalues,
+                source=self.source,
+                target=self.target,
+                rank=r,
+                num_rows=self.num_rows,
+                num_prompts=self.num_prompts,
+                centered=centered,
+                ridge=float(ridge),
+                token_level=self.token_level,
+                source_mean=f.source_mean,
+                target_mean=f.target_mean,
+            )
+            for r, f in factors.items()
+        }
+
+    def save_pretrained(self, path: PathLike) -> None:
+        """Save the raw statistics (to merge or refit later)."""
+        tensors: dict[str, torch.Tensor] = {}
+        states = []
+        for i, m in enumerate(self.moments):
+            state = m.state_dict()
+            small = {}
+            for key, val in state.items():
+                if isinstance(val, torch.Tensor):
+                    tensors[f"pair{i}.{key}"] = val
+                else:
+                    small[key] = val
+            states.append(small)
+        meta = {
+            "layer_map": [list(p) for p in self.layer_map],
+            "source": self.source.to_dict(),
+            "target": self.target.to_dict(),
+            "token_level": self.token_level,
+            "num_prompts": self.num_prompts,
+            "moments": states,
+        }
+        save_artifact(path, "alignment_stats", tensors, meta)
+
+    @classmethod
+    def from_pretrained(cls, path: PathLike) -> AlignmentStats:
+        _, tensors, meta = read_artifact(path, "alignment_stats")
+        moments = []
+        for i, small in enumerate(meta["moments"]):
+            prefix = f"pair{i}."
+            state = dict(small)
+            state.update({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            moments.append(Moments.from_state_dict(state))
+        return cls(
+            layer_map=[(int(s), int(t)) for s, t in meta["layer_map"]],
+            moments=moments,
+            source=ModelInfo.from_dict(meta["source"]),
+            target=ModelInfo.from_dict(meta["target"]),
+            token_level=bool(meta["token_level"]),
+            num_prompts=int(meta["num_prompts"]),
+        )
+
+
+def _merged(a: Moments, b: Moments) -> Moments:
+    res = a.merge(b)
+    return res if isinstance(res, Moments) else a
+
+
+@dataclass(repr=False)
+class Alignment:
+    """Fitted Source→Target map, one factored T = E_s M E_tᵀ per layer pair.
+
+    source_basis: [P, d_s, k], core: [P, k, k], target_basis: [P, d_t, k] (float32),
+    eigenvalues: [P, k] (float64) of G_ss; source_mean [P, d_s] and target_mean [P, d_t]
+    for the centred variant. P = len(layer_map).
+    """
+
+    layer_map: list[tuple[int, int]]
+    source_basis: torch.Tensor
+    core: torch.Tensor
+    target_basis: torch.Tensor
+    eigenvalues: torch.Tensor
+    source: ModelInfo
+    target: ModelInfo
+    rank: int
+    num_rows: int
+    num_prompts: int = 0
+    centered: bool = False
+    ridge: float = 0.0
+    token_level: bool = False
+    source_mean: torch.Tensor | None = None
+    target_mean: torch.Tensor | None = None
+    _index: dict[int, int] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        p, k = len(self.layer_map), self.core.shape[-1]
+        ds, dt = self.source.hidden_size, self.target.hidden_size
+        want = {
+            "source_basis": (p, ds, k),
+            "core": (p, k, k),
+            "target_basis": (p, dt, k),
+            "eigenvalues": (p, k),
+        }
+        if self.centered:
+            want.update(source_mean=(p, ds), target_mean=(p, dt))
+        for name, shape in want.items():
+            t = getattr(self, name)
+            if t is None:
+                raise ValueError(f"{name} is required (centered={self.centered})")
+            expect_shape(name, t, shape)
+        self._index = {t: i for i, (_, t) in enumerate(self.layer_map)}
+
+    def __repr__(self) -> str:
+        return (
+            f"Alignment(source={self.source.name!r}, target={self.target.name!r}, "
+            f"pairs={len(self.layer_map)}, rank={self.rank}, k={self.k}, "
+            f"num_rows={self.num_rows}, centered={self.centered}, ridge={self.ridge})"
+        )
+
+    @property
+    def k(self) -> int:
+        """Effective rank min(rank, N, d_s, d_t)."""
+        return int(self.core.shape[-1])
+
+    @property
+    def target_layers(self) -> list[int]:
+        return [t for _, t in self.layer_map]
+
+    def _pair(self, target_layer: int) -> int:
+        if target_layer not in self._index:
+            raise KeyError(
+                f"target layer {target_layer} is not aligned (aligned: {self.target_layers})"
+            )
+        return self._index[target_layer]
+
+    def matrix(self, target_layer: int) -> torch.Tensor:
+        """The dense map T [d_s, d_t] of one target layer (float32)."""
+        i = self._pair(target_layer)
+        return self.source_basis[i] @ self.core[i] @ self.target_basis[i].T
+
+    def map(self, h_source: torch.Tensor, target_layer: int) -> torch.Tensor:
+        """Predict Target rows [n, d_t] from Source rows [n, d_s] at one target layer."""
+        i = self._pair(target_layer)
+        ds = self.source.hidden_size
+        if h_source.shape[-1] != ds:
+            raise ValueError(f"h_source must end in {ds}, got {tuple(h_source.shape)}")
+        x = h_source.float().to(self.core.device)
+        if self.source_mean is not None:
+            x = x - self.source_mean[i]
+        y = ((x @ self.source_basis[i]) @ self.core[i]) @ self.target_basis[i].T
+        return y + self.target_mean[i] if self.target_mean is not None else y
+
+    def _factors(self) -> Factors:
+        return Factors(
+            self.source_basis,
+            self.core,
+            self.target_basis,
+            self.eigenvalues,
+            self.source_mean if self.centered else None,
+            self.target_mean if self.centered else None,
+        )
+
+    def transfer(self, direction: Direction, *, check_fingerprint: bool = True) -> SteeringKey:
+        """The transferred key r_t = v_s @ T for every aligned target layer."""
+        if not isinstance(direction, Direction):
+            raise TypeError(f"direction must be a Direction, got {type(direction).__name__}")
+        src, got = self.source, direction.model
+        if (got.hidden_size, got.num_layers) != (src.hidden_size, src.num_layers):
+            raise ValueError(
+                f"the direction belongs to {got.name} (hidden size {got.hidden_size}, "
+                f"{got.num_layers} layers) but this alignment's Source is {src.name} "
+                f"(hidden size {src.hidden_size}, {src.num_layers} layers)"
+            )
+        if check_fingerprint and got.fingerprint != src.fingerprint:
+            raise ValueError(
+                f"the direction was extracted from {got.name} (fingerprint {got.fingerprint}) "
+                f"but this alignment's Source is {src.name} (fingerprint {src.fingerprint}); "
+                "pass check_fingerprint=False to transfer anyway"
+            )
+        missing = sorted({s for s, _ in self.layer_map} - set(direction.layers))
+        if missing:
+            raise ValueError(f"the direction lacks source layers {missing} that the layer map uses")
+        rows = []
+        for i, (s, _) in enumerate(self.layer_map):
+            v = direction.vector(s).float()
+            rows.append(((v @ self.source_basis[i]) @ self.core[i]) @ self.target_basis[i].T)
+        return SteeringKey(
+            vectors=torch.stack(rows),
+            layers=self.target_layers,
+            model=self.target,
+            origin={
+                "kind": "transfer",
+                "source": self.source.to_dict(),
+                "direction_method": direction.method,
+                "direction_prompts": direction.num_prompts,
+                "layer_map": [list(p) for p in self.layer_map],
+                "rank": self.rank,
+                "k": self.k,
+                "num_rows": self.num_rows,
+                "centered": self.centered,
+                "ridge": self.ridge,
+            },
+        )
+
+    def diagnose(self, heldout: AlignmentStats) -> AlignmentReport:
+        """Held-out relative error and centred R² per target layer, from Gram matrices."""
+        if not isinstance(heldout, AlignmentStats):
+            raise TypeError(f"heldout must be AlignmentStats, got {type(heldout).__name__}")
+        if (heldout.source.hidden_size, heldout.target.hidden_size) != (
+            self.source.hidden_size,
+            self.target.hidden_size,
+        ):
+            raise ValueError("held-out statistics come from models of other hidden sizes")
+        pos = {p: i for i, p in enumerate(heldout.layer_map)}
+        missing = [p for p in self.layer_map if p not in pos]
+        if missing:
+            raise ValueError(f"held-out statistics lack layer pairs {missing}")
+        if heldout.num_rows == 0:
+            raise ValueError("held-out statistics hold no rows")
+        errs, r2s = heldout_errors(
+            self._factors(), [pos[p] for p in self.layer_map], heldout.moments
+        )
+        return AlignmentReport(
+            layer_map=list(self.layer_map),
+            rel_error=errs,
+            r2=r2s,
+            num_rows=heldout.num_rows,
+            rank=self.k,
+            centered=self.centered,
+        )
+
+    def save_pretrained(self, path: PathLike) -> None:
+        tensors = {
+            "source_basis": self.source_basis,
+            "core": self.core,
+            "target_basis": self.target_basis,
+            "eigenvalues": self.eigenvalues,
+        }
+        if self.source_mean is not None and self.target_mean is not None:
+            tensors.update(source_mean=self.source_mean, target_mean=self.target_mean)
+        meta = {
+            "layer_map": [list(p) for p in self.layer_map],
+            "source": self.source.to_dict(),
+            "target": self.target.to_dict(),
+            "rank": self.rank,
+            "k": self.k,
+            "num_rows": self.num_rows,
+            "num_prompts": self.num_prompts,
+            "centered": self.centered,
+            "ridge": self.ridge,
+            "token_level": self.token_level,
+        }
+        save_artifact(path, "alignment", tensors, meta)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: PathLike,
+        source_model: nn.Module | None = None,
+        target_model: nn.Module | None = None,
+        *,
+        check_fingerprint: bool = True,
+    ) -> Alignment:
+        """Load an alignment; with models given, refuse it unless it was made for them."""
+        _, t, meta = read_artifact(path, "alignment")
+        centered = bool(meta["centered"])
+        out = cls(
+            layer_map=[(int(s), int(tt)) for s, tt in meta["layer_map"]],
+            source_basis=t["source_basis"],
+            core=t["core"],
+            target_basis=t["target_basis"],
+            eigenvalues=t["eigenvalues"],
+            source=ModelInfo.from_dict(meta["source"]),
+            target=ModelInfo.from_dict(meta["target"]),
+            rank=int(meta["rank"]),
+            num_rows=int(meta["num_rows"]),
+            num_prompts=int(meta.get("num_prompts", 0)),
+            centered=centered,
+            ridge=float(meta["ridge"]),
+            token_level=bool(meta["token_level"]),
+            source_mean=t.get("source_mean") if centered else None,
+            target_mean=t.get("target_mean") if centered else None,
+        )
+        if int(meta["k"]) != out.k:
+            raise ValueError(f"artifact rank k={meta['k']} does not match its tensors ({out.k})")
+        if source_model is not None:
+            out.source.check(
+                source_model, what="this alignment's Source", check_fingerprint=check_fingerprint
+            )
+        if target_model is not None:
+            out.target.check(
+                target_model, what="this alignment's Target", check_fingerprint=check_fingerprint
+            )
+        return out
+
+
+register_kind("alignment_stats", AlignmentStats.from_pretrained)
+register_kind("alignment", Alignment.from_pretrained)

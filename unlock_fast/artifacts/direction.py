@@ -1,0 +1,110 @@
+"""The capability direction ("master key") of a Source model, per decoder layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .key import SteeringKey
+from .model_info import ModelInfo
+from .store import PathLike, expect_shape, read_artifact, register_kind, save_artifact
+
+__all__ = ["Direction"]
+
+
+@dataclass(repr=False)
+class Direction:
+    """Per-layer capability direction of one model.
+
+    vectors: [len(layers), hidden_size] float32, row i belongs to decoder layer layers[i].
+    model: the locked model (whose activations the vectors live in).
+    unlocked_model: the unlocked model for a model contrast, None for a prompt contrast.
+    """
+
+    vectors: torch.Tensor
+    layers: list[int]
+    method: str
+    num_prompts: int
+    model: ModelInfo
+    unlocked_model: ModelInfo | None = None
+
+    def __post_init__(self) -> None:
+        want = (len(self.layers), self.model.hidden_size)
+        if self.vectors.dim() != 2 or tuple(self.vectors.shape) != want:
+            raise ValueError(f"vectors must be {list(want)}, got {list(self.vectors.shape)}")
+
+    def __repr__(self) -> str:
+        return (
+            f"Direction(model={self.model.name!r}, method={self.method!r}, "
+            f"contrast={self.contrast!r}, layers={len(self.layers)}, "
+            f"hidden_size={self.model.hidden_size}, num_prompts={self.num_prompts})"
+        )
+
+    @property
+    def contrast(self) -> str:
+        """'prompt' (one model, two templates) or 'model' (two models)."""
+        return "prompt" if self.unlocked_model is None else "model"
+
+    def vector(self, layer: int) -> torch.Tensor:
+        """The direction at decoder layer ``layer`` [hidden_size]."""
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} is not in this direction (layers {self.layers})")
+        return self.vectors[self.layers.index(layer)]
+
+    def as_key(self) -> SteeringKey:
+        """This direction as a SteeringKey for its own model (no transfer)."""
+        return SteeringKey(
+            vectors=self.vectors.clone(),
+            layers=list(self.layers),
+            model=self.model,
+            origin={"kind": "direction", "method": self.method, "num_prompts": self.num_prompts},
+        )
+
+    def save_pretrained(self, path: PathLike) -> None:
+        meta = {
+            "layers": self.layers,
+            "method": self.method,
+            "num_prompts": self.num_prompts,
+            "model": self.model.to_dict(),
+            "unlocked_model": None
+            if self.unlocked_model is None
+            else self.unlocked_model.to_dict(),
+        }
+        save_artifact(path, "direction", {"vectors": self.vectors}, meta)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: PathLike,
+        model: nn.Module | None = None,
+        *,
+        layer_path: str | None = None,
+        check_fingerprint: bool = True,
+    ) -> Direction:
+        """Load a direction; with ``model``, refuse it unless it was made for that model."""
+        _, tensors, meta = read_artifact(path, "direction")
+        info = ModelInfo.from_dict(meta["model"])
+        layers = [int(i) for i in meta["layers"]]
+        expect_shape("vectors", tensors["vectors"], (len(layers), info.hidden_size))
+        unl = meta.get("unlocked_model")
+        out = cls(
+            vectors=tensors["vectors"].float(),
+            layers=layers,
+            method=str(meta["method"]),
+            num_prompts=int(meta["num_prompts"]),
+            model=info,
+            unlocked_model=None if unl is None else ModelInfo.from_dict(unl),
+        )
+        if model is not None:
+            info.check(
+                model,
+                what="this direction",
+                layer_path=layer_path,
+                check_fingerprint=check_fingerprint,
+            )
+        return out
+
+
+register_kind("direction", Direction.from_pretrained)

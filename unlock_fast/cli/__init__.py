@@ -1,0 +1,52 @@
+"""The ``unlock-fast`` command line.
+
+    unlock-fast demo                      # the whole pipeline offline on two shipped models
+    unlock-fast transfer -s SRC -t TGT -o keys/
+    unlock-fast generate -m TGT --key keys/key --prompt "..."
+    unlock-fast evaluate -t TGT --key keys/key --dataset builtin
+
+Models are hub ids, local folders, ``.gguf`` files, or the shipped names ``gemma-3-270m``
+and ``smollm2-135m-instruct``. A user mistake prints one line and exits with status 2.
+One module per command, each with ``add_parser(sub)`` and ``run(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from .. import __version__
+from . import align, demo, evaluate, extract, generate, transfer
+from .common import UsageError, run_command
+from .options import EPILOG_MODELS
+
+__all__ = ["UsageError", "build_parser", "main"]
+
+# In the order of ``unlock-fast --help``.
+_COMMANDS = (demo, extract, align, transfer, generate, evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``unlock-fast`` parser, with every command's subparser."""
+    parser = argparse.ArgumentParser(
+        prog="unlock-fast",
+        description="Training-free capability transfer between language models (UNLOCK): "
+        "extract a capability direction from a Source model, align the Source's activation "
+        "space to a Target's, and steer the Target with the transferred key.",
+        epilog=EPILOG_MODELS,
+    )
+    parser.add_argument("--version", action="version", version=f"unlock-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in _COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``unlock-fast``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return run_command(args, args.run)

@@ -1,0 +1,150 @@
+"""``unlock-fast evaluate``: the four conditions with a key, or a held-out grid search
+over rank x alpha x N."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..evaluation.grid import grid_search
+from ..evaluation.report import condition_table, write_json
+from ..evaluation.runner import CONDITIONS, EvaluationResult, evaluate_conditions
+from .common import UsageError, chat_for, load, load_key, problems
+from .options import (
+    add_command,
+    add_data,
+    add_max_new_tokens,
+    add_model,
+    add_output,
+    add_runtime,
+    add_steering,
+    chat_mode,
+    float_list,
+    int_list,
+    positive_int,
+)
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = add_command(
+        sub,
+        "evaluate",
+        help="evaluate the four conditions, or grid-search rank/alpha/N",
+        description="With --key: run the Target under four conditions (direct prompt, CoT "
+        "prompt, UNLOCK with the key, random key of equal norm) on the test items and write "
+        "a report. With --source instead: grid-search rank x alpha x N on a held-out split "
+        "disjoint from the test split, then score only the selected setting on the test "
+        "split.",
+    )
+    add_model(p, "target", "-t")
+    p.add_argument("--key", default=None, help="a transferred key folder (from transfer)")
+    p.add_argument(
+        "--source", "-s", default=None, metavar="MODEL", help="grid search: the Source model"
+    )
+    p.add_argument(
+        "--source-gguf-file", default=None, metavar="FILE", help="GGUF file for --source"
+    )
+    p.add_argument(
+        "--source-chat", type=chat_mode, default="auto", help="chat template for the Source"
+    )
+    p.add_argument("--ranks", type=int_list, default=[16, 64], help="grid: ranks")
+    p.add_argument("--alphas", type=float_list, default=[0.05, 0.1, 0.2, 0.5], help="grid: alphas")
+    p.add_argument(
+        "--ns",
+        type=int_list,
+        default=None,
+        help="grid: numbers of training problems N (default: --n-train)",
+    )
+    p.add_argument("--n-train", type=positive_int, default=64, help="grid: train problems")
+    p.add_argument("--n-heldout", type=positive_int, default=32, help="grid: held-out problems")
+    p.add_argument(
+        "--conditions",
+        default="baseline,cot,unlock,random",
+        help="conditions to run, comma-separated",
+    )
+    add_steering(p)
+    add_max_new_tokens(p)
+    add_output(p, "report folder", default="unlock-fast-eval")
+    add_data(p, 100, "test problems")
+    add_runtime(p)
+    p.set_defaults(run=run)
+
+
+def _conditions(text: str) -> list[str]:
+    conditions = [c for c in text.replace(" ", "").split(",") if c]
+    bad = [c for c in conditions if c not in CONDITIONS]
+    if bad or not conditions:
+        raise UsageError(f"--conditions must be a subset of {','.join(CONDITIONS)}, got {text}")
+    return conditions
+
+
+def run(args: argparse.Namespace) -> int:
+    conditions = _conditions(args.conditions)
+    if (args.key is None) == (args.source is None):
+        raise UsageError(
+            "give --key (evaluate a key) or --source (grid search), not both or neither"
+        )
+    out = Path(args.out)
+    tmodel, ttok = load(args, "target")
+    tchat = chat_for(ttok, args.target_chat)
+    result: EvaluationResult
+    payload: dict[str, Any]
+    if args.key is not None:
+        key = load_key(args.key, tmodel)
+        test = problems(args, {"test": args.n})["test"]
+        result = evaluate_conditions(
+            tmodel,
+            ttok,
+            test,
+            key=key,
+            alpha=args.alpha,
+            conditions=conditions,
+            chat=tchat,
+            mode=args.mode,
+            positions=args.positions,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+        payload = result.to_dict()
+    else:
+        smodel, stok = load(args, "source")
+        ns = args.ns or [args.n_train]
+        splits = problems(args, {"train": max(ns), "heldout": args.n_heldout, "test": args.n})
+        grid = grid_search(
+            smodel,
+            stok,
+            tmodel,
+            ttok,
+            splits["train"],
+            splits["heldout"],
+            splits["test"],
+            ranks=args.ranks,
+            alphas=args.alphas,
+            ns=ns,
+            source_chat=chat_for(stok, args.source_chat),
+            target_chat=tchat,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            conditions=conditions,
+            progress=not args.no_progress,
+        )
+        result = grid.test
+        payload = grid.to_dict()
+        s = grid.selected
+        print(
+            f"selected on held-out: rank {s.rank}, alpha {s.alpha:g}, N {s.n} "
+            f"(held-out UNLOCK accuracy {s.heldout})"
+        )
+    result.write_items(out / "items.jsonl")
+    write_json(payload, out / "report.json")
+    table = condition_table(result)
+    (out / "report.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out}/report.json, report.md, items.jsonl")
+    return 0

