@@ -16,14 +16,14 @@ import argparse
 from collections.abc import Sequence
 
 from .. import __version__
-from . import align, demo, evaluate, extract, generate, transfer
+from . import align, demo, evaluate, export, extract, generate, transfer
 from .common import UsageError, run_command
 from .options import EPILOG_MODELS
 
 __all__ = ["UsageError", "build_parser", "main"]
 
 # In the order of ``unlock-fast --help``.
-_COMMANDS = (demo, extract, align, transfer, generate, evaluate)
+_COMMANDS = (demo, extract, align, transfer, generate, evaluate, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
