@@ -1,7 +1,12 @@
 // The only pybind11 file: exposes the CPU and CUDA entry points of the kernel core as
 // `unlock_fast._core`. Arguments are raw addresses (int), shapes, strides in elements, dtype
 // codes and, for CUDA, a device index and a stream handle. Validation of user input lives in
-// unlock_fast/ops.py; the checks here only guard the core against impossible arguments.
+// unlock_fast/ops/; every entry point here still refuses, before it reads or writes anything,
+// sizes and strides that are inconsistent on their own: negative or zero sizes where they are
+// not allowed, negative strides, index arithmetic that overflows, written rows that alias each
+// other and written buffers that overlap another buffer of the call (the *_check_args
+// functions of the kernel headers, run by both backends). What they cannot know is the size
+// of the caller's allocations.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>

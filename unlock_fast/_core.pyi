@@ -1,9 +1,15 @@
 """Type stub of the compiled kernel core ``unlock_fast._core`` (csrc/bindings.cpp).
 
 Addresses are ints (``tensor.data_ptr()``); strides are in elements; dtype codes are those of
-``ops._DTYPE_CODES`` (0 float32, 1 float16, 2 bfloat16, 3 float64). CUDA entry points take the
-device index and a stream handle; in a build without CUDA they raise RuntimeError.
-Use the validated wrappers in :mod:`unlock_fast.ops` rather than these functions.
+``ops.core.DTYPE_CODES`` (0 float32, 1 float16, 2 bfloat16, 3 float64). CUDA entry points take
+the device index and a stream handle; in a build without CUDA they raise RuntimeError.
+
+Every entry point raises ValueError, before it touches memory, for sizes and strides that are
+inconsistent on their own (negative sizes or strides, zero widths, overflowing index
+arithmetic, written rows that alias each other, a written buffer overlapping another buffer
+of the call); a failing cuBLAS/cuSOLVER call raises RuntimeError naming it. The addresses
+themselves cannot be checked: use the validated wrappers in :mod:`unlock_fast.ops` rather
+than these functions.
 """
 
 # -- build information -------------------------------------------------------------------------
@@ -68,6 +74,8 @@ def moments_accumulate_cuda(
 ) -> None: ...
 
 # -- residual steering (positional arguments only) ---------------------------------------------
+# A position outside [-1, seq) raises ValueError on the CPU and is a device-side assertion on
+# CUDA; -1 leaves the row alone.
 def steer_cpu(
     hidden: int,
     dtype: int,

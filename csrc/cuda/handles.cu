@@ -12,12 +12,12 @@ cublasHandle_t cublas_handle(cudaStream_t stream) {
   auto it = handles.find(device);
   if (it == handles.end()) {
     cublasHandle_t h = nullptr;
-    UNLOCK_CUBLAS_CHECK(cublasCreate(&h));
-    UNLOCK_CUBLAS_CHECK(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
-    UNLOCK_CUBLAS_CHECK(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_HOST));
+    UNLOCK_CUBLAS(cublasCreate, &h);
+    UNLOCK_CUBLAS(cublasSetMathMode, h, CUBLAS_DEFAULT_MATH);
+    UNLOCK_CUBLAS(cublasSetPointerMode, h, CUBLAS_POINTER_MODE_HOST);
     it = handles.emplace(device, h).first;
   }
-  UNLOCK_CUBLAS_CHECK(cublasSetStream(it->second, stream));
+  UNLOCK_CUBLAS(cublasSetStream, it->second, stream);
   return it->second;
 }
 
@@ -28,10 +28,10 @@ cusolverDnHandle_t cusolver_handle(cudaStream_t stream) {
   auto it = handles.find(device);
   if (it == handles.end()) {
     cusolverDnHandle_t h = nullptr;
-    UNLOCK_CUSOLVER_CHECK(cusolverDnCreate(&h));
+    UNLOCK_CUSOLVER(cusolverDnCreate, &h);
     it = handles.emplace(device, h).first;
   }
-  UNLOCK_CUSOLVER_CHECK(cusolverDnSetStream(it->second, stream));
+  UNLOCK_CUSOLVER(cusolverDnSetStream, it->second, stream);
   return it->second;
 }
 

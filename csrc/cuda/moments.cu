@@ -56,13 +56,13 @@ void fill(const RowsView& v, int64_t row0, int64_t rows, int64_t cols, const flo
     fill_panel_kernel<Tag><<<grid, kFillThreads, 0, stream>>>(src, v.stride_row, v.stride_col, rows,
                                                              cols, shift, w, ws, dst, sqrt_w);
   });
-  UNLOCK_CUDA_CHECK(cudaGetLastError());
+  UNLOCK_CUDA_LAUNCHED("fill_panel_kernel");
 }
 
 void mirror(float* g, int64_t d, cudaStream_t stream) {
   const auto tiles = static_cast<unsigned>((d + 31) / 32);
   mirror_upper_kernel<<<dim3(tiles, tiles), dim3(32, 8), 0, stream>>>(g, d);
-  UNLOCK_CUDA_CHECK(cudaGetLastError());
+  UNLOCK_CUDA_LAUNCHED("mirror_upper_kernel");
 }
 
 }  // namespace
@@ -89,19 +89,18 @@ void moments_accumulate_cuda(const MomentsArgs& a, int device, float* workspace,
     const int m = static_cast<int>(std::min(chunk, n - r0));
     // Column-major view: the row-major panel [m, dx] is the matrix Pᵀ [dx, m] with ld dx.
     fill(a.x, r0, m, dx, a.shift_x, a.weight, a.weight_stride, px, sw, stream, "x");
-    UNLOCK_CUBLAS_CHECK(cublasSgemv(h, CUBLAS_OP_N, idx, m, &one, px, idx, sw, 1, &one, a.sum_x, 1));
+    UNLOCK_CUBLAS(cublasSgemv, h, CUBLAS_OP_N, idx, m, &one, px, idx, sw, 1, &one, a.sum_x, 1);
     // Lower triangle in column-major order is the upper triangle of the row-major matrix.
-    UNLOCK_CUBLAS_CHECK(cublasSsyrk(h, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, idx, m, &one, px, idx,
-                                    &one, a.gram_xx, idx));
+    UNLOCK_CUBLAS(cublasSsyrk, h, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, idx, m, &one, px, idx, &one,
+                  a.gram_xx, idx);
     if (dy > 0) {
       fill(a.y, r0, m, dy, a.shift_y, a.weight, a.weight_stride, py, nullptr, stream, "y");
-      UNLOCK_CUBLAS_CHECK(
-          cublasSgemv(h, CUBLAS_OP_N, idy, m, &one, py, idy, sw, 1, &one, a.sum_y, 1));
-      UNLOCK_CUBLAS_CHECK(cublasSsyrk(h, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, idy, m, &one, py,
-                                      idy, &one, a.gram_yy, idy));
+      UNLOCK_CUBLAS(cublasSgemv, h, CUBLAS_OP_N, idy, m, &one, py, idy, sw, 1, &one, a.sum_y, 1);
+      UNLOCK_CUBLAS(cublasSsyrk, h, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, idy, m, &one, py, idy,
+                    &one, a.gram_yy, idy);
       // Row-major G_xy [dx, dy] is the column-major G_xyᵀ [dy, dx] = Py Pxᵀ.
-      UNLOCK_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, idy, idx, m, &one, py, idy, px,
-                                      idx, &one, a.gram_xy, idy));
+      UNLOCK_CUBLAS(cublasSgemm, h, CUBLAS_OP_N, CUBLAS_OP_T, idy, idx, m, &one, py, idy, px, idx,
+                    &one, a.gram_xy, idy);
     }
   }
   if (!a.upper_only) {

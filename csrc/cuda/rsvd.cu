@@ -108,97 +108,115 @@ __global__ void fix_signs_kernel(T* u, int64_t rows, int64_t k, T* vh, int64_t v
   }
 }
 
-// ---- typed cuBLAS / cuSOLVER entry points --------------------------------------------------
+// ---- typed cuBLAS / cuSOLVER entry points -------------------------------------------------
+// Each checks the status of the library call and raises naming it (e.g. "cusolverDnSsyevd
+// failed with CUSOLVER_STATUS_INVALID_VALUE").
 
-cublasStatus_t gemm_t(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                      int k, const float* a, int lda, const float* b, int ldb, float* c,
-                      int ldc) {
+void gemm_t(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+            const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
   const float one = 1.f, zero = 0.f;
-  return cublasSgemm(h, ta, tb, m, n, k, &one, a, lda, b, ldb, &zero, c, ldc);
+  UNLOCK_CUBLAS(cublasSgemm, h, ta, tb, m, n, k, &one, a, lda, b, ldb, &zero, c, ldc);
 }
-cublasStatus_t gemm_t(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                      int k, const double* a, int lda, const double* b, int ldb, double* c,
-                      int ldc) {
+void gemm_t(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+            const double* a, int lda, const double* b, int ldb, double* c, int ldc) {
   const double one = 1.0, zero = 0.0;
-  return cublasDgemm(h, ta, tb, m, n, k, &one, a, lda, b, ldb, &zero, c, ldc);
+  UNLOCK_CUBLAS(cublasDgemm, h, ta, tb, m, n, k, &one, a, lda, b, ldb, &zero, c, ldc);
 }
 
-cusolverStatus_t getrf_size(cusolverDnHandle_t h, int m, int n, float*, int* lw) {
-  return cusolverDnSgetrf_bufferSize(h, m, n, nullptr, m, lw);
+int getrf_size(cusolverDnHandle_t h, int m, int n, float*) {
+  int lw = 0;
+  UNLOCK_CUSOLVER(cusolverDnSgetrf_bufferSize, h, m, n, nullptr, m, &lw);
+  return lw;
 }
-cusolverStatus_t getrf_size(cusolverDnHandle_t h, int m, int n, double*, int* lw) {
-  return cusolverDnDgetrf_bufferSize(h, m, n, nullptr, m, lw);
+int getrf_size(cusolverDnHandle_t h, int m, int n, double*) {
+  int lw = 0;
+  UNLOCK_CUSOLVER(cusolverDnDgetrf_bufferSize, h, m, n, nullptr, m, &lw);
+  return lw;
 }
-cusolverStatus_t getrf_t(cusolverDnHandle_t h, int m, int n, float* a, float* w, int* ipiv,
-                         int* info) {
-  return cusolverDnSgetrf(h, m, n, a, m, w, ipiv, info);
+void getrf_t(cusolverDnHandle_t h, int m, int n, float* a, float* w, int* ipiv, int* info) {
+  UNLOCK_CUSOLVER(cusolverDnSgetrf, h, m, n, a, m, w, ipiv, info);
 }
-cusolverStatus_t getrf_t(cusolverDnHandle_t h, int m, int n, double* a, double* w, int* ipiv,
-                         int* info) {
-  return cusolverDnDgetrf(h, m, n, a, m, w, ipiv, info);
+void getrf_t(cusolverDnHandle_t h, int m, int n, double* a, double* w, int* ipiv, int* info) {
+  UNLOCK_CUSOLVER(cusolverDnDgetrf, h, m, n, a, m, w, ipiv, info);
 }
 
-cusolverStatus_t geqrf_size(cusolverDnHandle_t h, int m, int n, float*, int* lw) {
-  return cusolverDnSgeqrf_bufferSize(h, m, n, nullptr, m, lw);
+int geqrf_size(cusolverDnHandle_t h, int m, int n, float*) {
+  int lw = 0;
+  UNLOCK_CUSOLVER(cusolverDnSgeqrf_bufferSize, h, m, n, nullptr, m, &lw);
+  return lw;
 }
-cusolverStatus_t geqrf_size(cusolverDnHandle_t h, int m, int n, double*, int* lw) {
-  return cusolverDnDgeqrf_bufferSize(h, m, n, nullptr, m, lw);
+int geqrf_size(cusolverDnHandle_t h, int m, int n, double*) {
+  int lw = 0;
+  UNLOCK_CUSOLVER(cusolverDnDgeqrf_bufferSize, h, m, n, nullptr, m, &lw);
+  return lw;
 }
-cusolverStatus_t orgqr_size(cusolverDnHandle_t h, int m, int n, float*, int* lw) {
-  return cusolverDnSorgqr_bufferSize(h, m, n, n, nullptr, m, nullptr, lw);
+int orgqr_size(cusolverDnHandle_t h, int m, int n, float*) {
+  int lw = 0;
+  UNLOCK_CUSOLVER(cusolverDnSorgqr_bufferSize, h, m, n, n, nullptr, m, nullptr, &lw);
+  return lw;
 }
-cusolverStatus_t orgqr_size(cusolverDnHandle_t h, int m, int n, double*, int* lw) {
-  return cusolverDnDorgqr_bufferSize(h, m, n, n, nullptr, m, nullptr, lw);
+int orgqr_size(cusolverDnHandle_t h, int m, int n, double*) {
+  int lw = 0;
+  UNLOCK_CUSOLVER(cusolverDnDorgqr_bufferSize, h, m, n, n, nullptr, m, nullptr, &lw);
+  return lw;
 }
-cusolverStatus_t geqrf_t(cusolverDnHandle_t h, int m, int n, float* a, float* tau, float* w,
-                         int lw, int* info) {
-  return cusolverDnSgeqrf(h, m, n, a, m, tau, w, lw, info);
+void geqrf_t(cusolverDnHandle_t h, int m, int n, float* a, float* tau, float* w, int lw,
+             int* info) {
+  UNLOCK_CUSOLVER(cusolverDnSgeqrf, h, m, n, a, m, tau, w, lw, info);
 }
-cusolverStatus_t geqrf_t(cusolverDnHandle_t h, int m, int n, double* a, double* tau, double* w,
-                         int lw, int* info) {
-  return cusolverDnDgeqrf(h, m, n, a, m, tau, w, lw, info);
+void geqrf_t(cusolverDnHandle_t h, int m, int n, double* a, double* tau, double* w, int lw,
+             int* info) {
+  UNLOCK_CUSOLVER(cusolverDnDgeqrf, h, m, n, a, m, tau, w, lw, info);
 }
-cusolverStatus_t orgqr_t(cusolverDnHandle_t h, int m, int n, float* a, const float* tau,
-                         float* w, int lw, int* info) {
-  return cusolverDnSorgqr(h, m, n, n, a, m, tau, w, lw, info);
+void orgqr_t(cusolverDnHandle_t h, int m, int n, float* a, const float* tau, float* w, int lw,
+             int* info) {
+  UNLOCK_CUSOLVER(cusolverDnSorgqr, h, m, n, n, a, m, tau, w, lw, info);
 }
-cusolverStatus_t orgqr_t(cusolverDnHandle_t h, int m, int n, double* a, const double* tau,
-                         double* w, int lw, int* info) {
-  return cusolverDnDorgqr(h, m, n, n, a, m, tau, w, lw, info);
+void orgqr_t(cusolverDnHandle_t h, int m, int n, double* a, const double* tau, double* w, int lw,
+             int* info) {
+  UNLOCK_CUSOLVER(cusolverDnDorgqr, h, m, n, n, a, m, tau, w, lw, info);
 }
 
 constexpr cusolverEigMode_t kVectors = CUSOLVER_EIG_MODE_VECTOR;
 constexpr cublasFillMode_t kLower = CUBLAS_FILL_MODE_LOWER;
 
-cusolverStatus_t syevd_size(cusolverDnHandle_t h, int n, float*, int* lw) {
-  return cusolverDnSsyevd_bufferSize(h, kVectors, kLower, n, nullptr, n, nullptr, lw);
+int syevd_size(cusolverDnHandle_t h, int n, float*) {
+  int lw = 0;
+  UNLOCK_CUSOLVER(cusolverDnSsyevd_bufferSize, h, kVectors, kLower, n, nullptr, n, nullptr, &lw);
+  return lw;
 }
-cusolverStatus_t syevd_size(cusolverDnHandle_t h, int n, double*, int* lw) {
-  return cusolverDnDsyevd_bufferSize(h, kVectors, kLower, n, nullptr, n, nullptr, lw);
+int syevd_size(cusolverDnHandle_t h, int n, double*) {
+  int lw = 0;
+  UNLOCK_CUSOLVER(cusolverDnDsyevd_bufferSize, h, kVectors, kLower, n, nullptr, n, nullptr, &lw);
+  return lw;
 }
-cusolverStatus_t syevd_t(cusolverDnHandle_t h, int n, float* a, float* w, float* work, int lw,
-                         int* info) {
-  return cusolverDnSsyevd(h, kVectors, kLower, n, a, n, w, work, lw, info);
+void syevd_t(cusolverDnHandle_t h, int n, float* a, float* w, float* work, int lw, int* info) {
+  UNLOCK_CUSOLVER(cusolverDnSsyevd, h, kVectors, kLower, n, a, n, w, work, lw, info);
 }
-cusolverStatus_t syevd_t(cusolverDnHandle_t h, int n, double* a, double* w, double* work, int lw,
-                         int* info) {
-  return cusolverDnDsyevd(h, kVectors, kLower, n, a, n, w, work, lw, info);
+void syevd_t(cusolverDnHandle_t h, int n, double* a, double* w, double* work, int lw, int* info) {
+  UNLOCK_CUSOLVER(cusolverDnDsyevd, h, kVectors, kLower, n, a, n, w, work, lw, info);
 }
 
-cusolverStatus_t gesvd_size(cusolverDnHandle_t h, int m, int n, float*, int* lw) {
-  return cusolverDnSgesvd_bufferSize(h, m, n, lw);
+int gesvd_size(cusolverDnHandle_t h, int m, int n, float*) {
+  int lw = 0;
+  UNLOCK_CUSOLVER(cusolverDnSgesvd_bufferSize, h, m, n, &lw);
+  return lw;
 }
-cusolverStatus_t gesvd_size(cusolverDnHandle_t h, int m, int n, double*, int* lw) {
-  return cusolverDnDgesvd_bufferSize(h, m, n, lw);
+int gesvd_size(cusolverDnHandle_t h, int m, int n, double*) {
+  int lw = 0;
+  UNLOCK_CUSOLVER(cusolverDnDgesvd_bufferSize, h, m, n, &lw);
+  return lw;
 }
 // Thin SVD of a [m, n], m >= n: u [m, n], vt [n, n].
-cusolverStatus_t gesvd_t(cusolverDnHandle_t h, int m, int n, float* a, float* s, float* u,
-                         float* vt, float* w, int lw, int* info) {
-  return cusolverDnSgesvd(h, 'S', 'S', m, n, a, m, s, u, m, vt, n, w, lw, nullptr, info);
+void gesvd_t(cusolverDnHandle_t h, int m, int n, float* a, float* s, float* u, float* vt,
+             float* w, int lw, int* info) {
+  UNLOCK_CUSOLVER(cusolverDnSgesvd, h, 'S', 'S', m, n, a, m, s, u, m, vt, n, w, lw, nullptr,
+                  info);
 }
-cusolverStatus_t gesvd_t(cusolverDnHandle_t h, int m, int n, double* a, double* s, double* u,
-                         double* vt, double* w, int lw, int* info) {
-  return cusolverDnDgesvd(h, 'S', 'S', m, n, a, m, s, u, m, vt, n, w, lw, nullptr, info);
+void gesvd_t(cusolverDnHandle_t h, int m, int n, double* a, double* s, double* u, double* vt,
+             double* w, int lw, int* info) {
+  UNLOCK_CUSOLVER(cusolverDnDgesvd, h, 'S', 'S', m, n, a, m, s, u, m, vt, n, w, lw, nullptr,
+                  info);
 }
 
 int to_int(int64_t v) { return static_cast<int>(v); }
@@ -219,20 +237,14 @@ class CudaOps {
 
   // -- scratch sizes (cuSOLVER buffer queries) --
   int64_t lu_work(int64_t m, int64_t n) {
-    int lw = 0;
-    UNLOCK_CUSOLVER_CHECK(getrf_size(solver_, to_int(m), to_int(n), static_cast<T*>(nullptr), &lw));
-    return lw;
+    return getrf_size(solver_, to_int(m), to_int(n), static_cast<T*>(nullptr));
   }
   int64_t qr_work(int64_t m, int64_t n) {
-    int a = 0, b = 0;
-    UNLOCK_CUSOLVER_CHECK(geqrf_size(solver_, to_int(m), to_int(n), static_cast<T*>(nullptr), &a));
-    UNLOCK_CUSOLVER_CHECK(orgqr_size(solver_, to_int(m), to_int(n), static_cast<T*>(nullptr), &b));
-    return std::max(a, b);
+    return std::max(geqrf_size(solver_, to_int(m), to_int(n), static_cast<T*>(nullptr)),
+                    orgqr_size(solver_, to_int(m), to_int(n), static_cast<T*>(nullptr)));
   }
   int64_t syevd_work(int64_t n) {
-    int lw = 0;
-    UNLOCK_CUSOLVER_CHECK(syevd_size(solver_, to_int(n), static_cast<T*>(nullptr), &lw));
-    return lw;
+    return syevd_size(solver_, to_int(n), static_cast<T*>(nullptr));
   }
   int64_t syevd_iwork(int64_t) { return 0; }
   int64_t eig_top_w(int64_t d, int64_t) { return d; }
@@ -240,43 +252,41 @@ class CudaOps {
   int64_t eig_top_work(int64_t d, int64_t) { return syevd_work(d); }
   int64_t eig_top_iwork(int64_t, int64_t) { return 0; }
   int64_t svd_work(int64_t m, int64_t n) {
-    int lw = 0;
-    UNLOCK_CUSOLVER_CHECK(gesvd_size(solver_, to_int(m), to_int(n), static_cast<T*>(nullptr), &lw));
-    return lw;
+    return gesvd_size(solver_, to_int(m), to_int(n), static_cast<T*>(nullptr));
   }
   int64_t svd_iwork(int64_t, int64_t) { return 0; }
 
   // -- operations --
   void gaussian(T* x, int64_t count, uint64_t key) {
     gaussian_kernel<T><<<grid_for((count + 1) / 2), kThreads, 0, stream_>>>(x, count, key);
-    UNLOCK_CUDA_CHECK(cudaGetLastError());
+    UNLOCK_CUDA_LAUNCHED("gaussian_kernel");
   }
 
   void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
             const T* b, int64_t ldb, T* c, int64_t ldc) {
     const cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
-    UNLOCK_CUBLAS_CHECK(gemm_t(blas_, opa, opb, to_int(m), to_int(n), to_int(k), a, to_int(lda), b,
-                               to_int(ldb), c, to_int(ldc)));
+    gemm_t(blas_, opa, opb, to_int(m), to_int(n), to_int(k), a, to_int(lda), b, to_int(ldb), c,
+           to_int(ldc));
   }
 
   void lu_basis(T* y, int64_t m, int64_t n, int* ipiv, T* work) {
-    UNLOCK_CUSOLVER_CHECK(getrf_t(solver_, to_int(m), to_int(n), y, work, ipiv, info_));
+    getrf_t(solver_, to_int(m), to_int(n), y, work, ipiv, info_);
     lu_basis_kernel<T><<<grid_for(n), kThreads, 0, stream_>>>(y, m, n, ipiv);
-    UNLOCK_CUDA_CHECK(cudaGetLastError());
+    UNLOCK_CUDA_LAUNCHED("lu_basis_kernel");
   }
 
   void qr_q(T* y, int64_t m, int64_t n, T* tau, T* work, T* r) {
-    UNLOCK_CUSOLVER_CHECK(geqrf_t(solver_, to_int(m), to_int(n), y, tau, work, lwork_, info_));
+    geqrf_t(solver_, to_int(m), to_int(n), y, tau, work, lwork_, info_);
     if (r) {
       upper_kernel<T><<<grid_for(n * n), kThreads, 0, stream_>>>(y, m, n, r);
-      UNLOCK_CUDA_CHECK(cudaGetLastError());
+      UNLOCK_CUDA_LAUNCHED("upper_kernel");
     }
-    UNLOCK_CUSOLVER_CHECK(orgqr_t(solver_, to_int(m), to_int(n), y, tau, work, lwork_, info_));
+    orgqr_t(solver_, to_int(m), to_int(n), y, tau, work, lwork_, info_);
   }
 
   void syevd(T* b, int64_t n, T* w, T* work, int*) {
-    UNLOCK_CUSOLVER_CHECK(syevd_t(solver_, to_int(n), b, w, work, lwork_, info_));
+    syevd_t(solver_, to_int(n), b, w, work, lwork_, info_);
   }
 
   RsvdEigTop<T> eig_top(T* a, int64_t d, int64_t k, T* w, T*, T* work, int* iwork) {
@@ -285,25 +295,25 @@ class CudaOps {
   }
 
   void svd(T* a, int64_t m, int64_t n, T* s, T* u, T* vt, T* work, int*) {
-    UNLOCK_CUSOLVER_CHECK(gesvd_t(solver_, to_int(m), to_int(n), a, s, u, vt, work, lwork_, info_));
+    gesvd_t(solver_, to_int(m), to_int(n), a, s, u, vt, work, lwork_, info_);
   }
 
   void copy(int64_t rows, int64_t cols, const T* src, int64_t src_rs, int64_t src_cs, T* dst,
             int64_t dst_rs, int64_t dst_cs) {
     copy_kernel<T><<<grid_for(rows * cols), kThreads, 0, stream_>>>(rows, cols, src, src_rs, src_cs,
                                                                     dst, dst_rs, dst_cs);
-    UNLOCK_CUDA_CHECK(cudaGetLastError());
+    UNLOCK_CUDA_LAUNCHED("copy_kernel");
   }
 
   void symmetrize_lower(T* b, int64_t n) {
     symmetrize_lower_kernel<T><<<grid_for(n * n), kThreads, 0, stream_>>>(b, n);
-    UNLOCK_CUDA_CHECK(cudaGetLastError());
+    UNLOCK_CUDA_LAUNCHED("symmetrize_lower_kernel");
   }
 
   void fix_signs(T* u, int64_t rows, int64_t k, T* vh, int64_t vh_cols) {
     fix_signs_kernel<T><<<static_cast<unsigned>(k), kSignThreads, 0, stream_>>>(u, rows, k, vh,
                                                                                vh_cols);
-    UNLOCK_CUDA_CHECK(cudaGetLastError());
+    UNLOCK_CUDA_LAUNCHED("fix_signs_kernel");
   }
 
  private:

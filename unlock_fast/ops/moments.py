@@ -37,11 +37,12 @@ def moments_accumulate_(
 ) -> None:
     """Add one batch of shifted moments into fp32 state, in place.
 
-    x [n, dx], y [n, dy] (fp32/fp16/bf16, any strides), weight [n] (non-negative floats) or
-    None; shift_x [dx], shift_y [dy] fp32. With xs = x - shift_x and ys = y - shift_y:
-    sum_x += wᵀxs, sum_y += wᵀys, gram_xx += xsᵀ W xs, gram_yy += ysᵀ W ys,
-    gram_xy += xsᵀ W ys. Count is kept by the caller. The state tensors are fp32 and
-    contiguous; without y, shift_y, sum_y, gram_yy and gram_xy must be None.
+    x [n, dx], y [n, dy] (fp32/fp16/bf16, any strides, dx and dy >= 1; n = 0 is a no-op),
+    weight [n] (non-negative floats) or None; shift_x [dx], shift_y [dy] fp32. With
+    xs = x - shift_x and ys = y - shift_y: sum_x += wᵀxs, sum_y += wᵀys,
+    gram_xx += xsᵀ W xs, gram_yy += ysᵀ W ys, gram_xy += xsᵀ W ys. Count is kept by the
+    caller. The state tensors are fp32 and contiguous and must not overlap one another or
+    any input (ValueError); without y, shift_y, sum_y, gram_yy and gram_xy must be None.
 
     upper_only: update only the upper triangle of gram_xx and gram_yy (the lower part is
     left as it was), which saves an O(d²) pass per call; symmetrise once at the end.
@@ -54,6 +55,10 @@ def moments_accumulate_(
     check_dtype(xt, "x", ACTIVATION_DTYPES)
     check_shape(xt, "x", ("n", "dx"))
     n, dx = xt.shape
+    if dx == 0:
+        raise ValueError(
+            f"moments: bad shape: x must have at least one column (dx >= 1), got {list(xt.shape)}"
+        )
     state = {
         "shift_x": as_tensor(shift_x, "shift_x"),
         "sum_x": as_tensor(sum_x, "sum_x", writable=True),
@@ -81,6 +86,11 @@ def moments_accumulate_(
         check_dtype(yt, "y", ACTIVATION_DTYPES)
         check_shape(yt, "y", (n, "dy"))
         dy = yt.shape[1]
+        if dy == 0:
+            raise ValueError(
+                f"moments: bad shape: y must have at least one column (dy >= 1), got "
+                f"{list(yt.shape)}; pass y=None for moments of x alone"
+            )
         missing = [k for k, v in y_named.items() if v is None]
         if missing:
             raise ValueError(f"y is given, so {', '.join(missing)} must be given too")

@@ -11,6 +11,7 @@ from .core import (
     as_tensor,
     backend_of,
     check_dtype,
+    check_finite,
     core_module,
     cuda_stream,
     dtype_code,
@@ -38,14 +39,17 @@ def _check_rsvd_params(k: int, oversample: int, n_iter: int, seed: int, r: int) 
 
 
 def _rsvd_matrix(obj: Any, name: str) -> torch.Tensor:
-    """A 2-D fp32/fp64 tensor view of ``obj``, detached."""
+    """A 2-D, non-empty, finite fp32/fp64 tensor view of ``obj``, detached."""
     t = as_tensor(obj, name)
     check_dtype(t, name, _RSVD_DTYPES)
     if t.dim() != 2:
         raise ValueError(f"{name} must be a matrix (2-D), got shape {list(t.shape)}")
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name} must not be empty, got shape {list(t.shape)}")
-    return t.detach()
+    t = t.detach()
+    if t.device.type in ("cpu", "cuda"):
+        check_finite(t, name)
+    return t
 
 
 def eigh_topk(
@@ -64,6 +68,7 @@ def eigh_topk(
     with the gap between eigenvalue k and eigenvalue l + 1; raise ``oversample`` or
     ``n_iter`` for slowly decaying spectra. Only the symmetric part of ``a`` is meaningful;
     symmetry is not checked. Any strides are accepted (a non-contiguous input is copied).
+    NaN or Inf in ``a`` raises ValueError (the check synchronises once on CUDA).
     """
     at = _rsvd_matrix(a, "a")
     if at.shape[0] != at.shape[1]:
@@ -111,6 +116,7 @@ def svd_topk(
     columns and ``n_iter`` power iterations (each a product with m and one with mᵀ), then
     an exact SVD of the projected matrix. A dense SVD runs instead only when the sketch
     would be about as costly. Any strides are accepted (a non-contiguous input is copied).
+    NaN or Inf in ``m`` raises ValueError (the check synchronises once on CUDA).
     """
     mt = _rsvd_matrix(m, "m")
     rows, cols = mt.shape

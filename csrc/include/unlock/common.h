@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -20,7 +21,7 @@
 
 namespace unlock {
 
-// Dtype codes shared with Python (unlock_fast/ops.py, _DTYPE_CODES).
+// Dtype codes shared with Python (unlock_fast/ops/core.py, DTYPE_CODES).
 enum class DType : int {
   kFloat32 = 0,
   kFloat16 = 1,
@@ -63,6 +64,99 @@ inline std::size_t dtype_size(DType t) {
 inline DType dtype_from_code(int code) {
   UNLOCK_CHECK_ARG(code >= 0 && code <= 3, "unknown dtype code " + std::to_string(code));
   return static_cast<DType>(code);
+}
+
+// ---- checks of raw buffer descriptions ------------------------------------------------------
+//
+// The entry points take addresses, sizes and strides from Python. These checks use nothing
+// but those numbers: every stride is non-negative, no index computation overflows int64,
+// the rows a kernel writes never alias one another, and a written buffer never overlaps a
+// buffer of the same call. They cannot know how large the caller's allocation is.
+
+// One strided dimension of a buffer.
+struct Dim {
+  int64_t size;
+  int64_t stride;  // elements
+};
+
+// Elements spanned by a buffer, (size - 1) * stride summed over dims plus one; 0 when a size is
+// 0. Raises when a size or stride is negative or the span overflows int64.
+inline int64_t span_elements(const char* what, std::initializer_list<Dim> dims) {
+  int64_t last = 0;
+  for (const Dim& d : dims) {
+    UNLOCK_CHECK_ARG(d.size >= 0, std::string(what) + ": negative size " + std::to_string(d.size));
+    UNLOCK_CHECK_ARG(d.stride >= 0,
+                     std::string(what) + ": negative stride " + std::to_string(d.stride));
+    if (d.size == 0) return 0;
+    int64_t step = 0;
+    const bool overflow = __builtin_mul_overflow(d.size - 1, d.stride, &step) ||
+                          __builtin_add_overflow(last, step, &last);
+    UNLOCK_CHECK_ARG(!overflow, std::string(what) + ": sizes and strides overflow int64");
+  }
+  int64_t span = 0;
+  UNLOCK_CHECK_ARG(!__builtin_add_overflow(last, int64_t{1}, &span),
+                   std::string(what) + ": sizes and strides overflow int64");
+  return span;
+}
+
+// Whether distinct indices of the dims always address distinct elements: with the dims of size
+// > 1 sorted by stride, each stride must pass the last element the inner dims reach. This is
+// the usual sufficient rule (a few exotic interleaved layouts fail it and are refused too).
+inline bool dims_do_not_overlap(std::initializer_list<Dim> dims) {
+  Dim sorted[8];
+  int n = 0;
+  for (const Dim& d : dims) {
+    if (d.size > 1 && n < 8) sorted[n++] = d;
+  }
+  for (int i = 1; i < n; ++i) {  // insertion sort by stride, at most a handful of dims
+    for (int j = i; j > 0 && sorted[j].stride < sorted[j - 1].stride; --j) {
+      const Dim t = sorted[j];
+      sorted[j] = sorted[j - 1];
+      sorted[j - 1] = t;
+    }
+  }
+  int64_t reach = 0;  // largest offset the inner dims address
+  for (int i = 0; i < n; ++i) {
+    if (sorted[i].stride <= reach) return false;
+    int64_t step = 0;
+    if (__builtin_mul_overflow(sorted[i].size - 1, sorted[i].stride, &step) ||
+        __builtin_add_overflow(reach, step, &reach)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// A byte range [begin, begin + bytes) of one buffer, for the overlap checks.
+struct ByteRange {
+  const char* name;
+  std::uintptr_t begin;
+  std::uintptr_t bytes;  // 0: absent or empty
+};
+
+inline ByteRange byte_range(const char* name, const void* p, int64_t elements,
+                            std::size_t elem_size) {
+  const auto n = static_cast<std::uintptr_t>(elements > 0 ? elements : 0);
+  UNLOCK_CHECK_ARG(n <= UINTPTR_MAX / elem_size, std::string(name) + ": buffer too large");
+  return {name, reinterpret_cast<std::uintptr_t>(p), p ? n * elem_size : 0};
+}
+
+// Raises when a written range overlaps any other range of the call (written or read).
+inline void check_no_overlap(const char* op, std::initializer_list<ByteRange> written,
+                             std::initializer_list<ByteRange> read) {
+  auto overlaps = [](const ByteRange& a, const ByteRange& b) {
+    return a.bytes && b.bytes && a.begin < b.begin + b.bytes && b.begin < a.begin + a.bytes;
+  };
+  for (auto w = written.begin(); w != written.end(); ++w) {
+    for (auto o = written.begin(); o != w; ++o) {
+      UNLOCK_CHECK_ARG(!overlaps(*w, *o), std::string(op) + ": " + w->name + " and " + o->name +
+                                              " overlap in memory; both are written");
+    }
+    for (const ByteRange& r : read) {
+      UNLOCK_CHECK_ARG(!overlaps(*w, r), std::string(op) + ": " + w->name + " overlaps " + r.name +
+                                             " in memory; " + w->name + " is written in place");
+    }
+  }
 }
 
 // ---- scalar conversions (bit exact, round to nearest even) -----------------------------------

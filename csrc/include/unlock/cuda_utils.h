@@ -7,6 +7,7 @@
 #include <cusolverDn.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 
 #include "unlock/common.h"
@@ -18,24 +19,60 @@
                  std::string(#expr) + " failed: " + cudaGetErrorString(unlock_err_)); \
   } while (0)
 
-#define UNLOCK_CUBLAS_CHECK(expr)                                                  \
-  do {                                                                             \
-    const cublasStatus_t unlock_st_ = (expr);                                      \
-    UNLOCK_CHECK(unlock_st_ == CUBLAS_STATUS_SUCCESS,                              \
-                 std::string(#expr) + " failed: " + cublasGetStatusString(unlock_st_)); \
-  } while (0)
+// Call a cuBLAS / cuSOLVER function and raise std::runtime_error (RuntimeError in Python),
+// naming the function and its status, unless it succeeds:
+//   UNLOCK_CUBLAS(cublasSgemm, handle, ...);   UNLOCK_CUSOLVER(cusolverDnSsyevd, handle, ...);
+#define UNLOCK_CUBLAS(fn, ...) ::unlock::cuda::check_cublas(fn(__VA_ARGS__), #fn)
+#define UNLOCK_CUSOLVER(fn, ...) ::unlock::cuda::check_cusolver(fn(__VA_ARGS__), #fn)
 
-#define UNLOCK_CUSOLVER_CHECK(expr)                                             \
-  do {                                                                          \
-    const cusolverStatus_t unlock_st_ = (expr);                                 \
-    UNLOCK_CHECK(unlock_st_ == CUSOLVER_STATUS_SUCCESS,                         \
-                 std::string(#expr) + " failed with status " +                  \
-                     std::to_string(static_cast<int>(unlock_st_)));             \
-  } while (0)
+// After a kernel launch: raise, naming the kernel, if the launch failed.
+#define UNLOCK_CUDA_LAUNCHED(kernel) ::unlock::cuda::check_launch(kernel)
 
 namespace unlock::cuda {
 
 inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+inline void check_cublas(cublasStatus_t status, const char* fn) {
+  if (status == CUBLAS_STATUS_SUCCESS) return;
+  throw std::runtime_error(std::string("unlock_fast: ") + fn + " failed with " +
+                           cublasGetStatusName(status) + " (" + cublasGetStatusString(status) +
+                           ")");
+}
+
+inline const char* cusolver_status_name(cusolverStatus_t status) {
+  switch (status) {
+    case CUSOLVER_STATUS_SUCCESS: return "CUSOLVER_STATUS_SUCCESS";
+    case CUSOLVER_STATUS_NOT_INITIALIZED: return "CUSOLVER_STATUS_NOT_INITIALIZED";
+    case CUSOLVER_STATUS_ALLOC_FAILED: return "CUSOLVER_STATUS_ALLOC_FAILED";
+    case CUSOLVER_STATUS_INVALID_VALUE: return "CUSOLVER_STATUS_INVALID_VALUE";
+    case CUSOLVER_STATUS_ARCH_MISMATCH: return "CUSOLVER_STATUS_ARCH_MISMATCH";
+    case CUSOLVER_STATUS_MAPPING_ERROR: return "CUSOLVER_STATUS_MAPPING_ERROR";
+    case CUSOLVER_STATUS_EXECUTION_FAILED: return "CUSOLVER_STATUS_EXECUTION_FAILED";
+    case CUSOLVER_STATUS_INTERNAL_ERROR: return "CUSOLVER_STATUS_INTERNAL_ERROR";
+    case CUSOLVER_STATUS_MATRIX_TYPE_NOT_SUPPORTED:
+      return "CUSOLVER_STATUS_MATRIX_TYPE_NOT_SUPPORTED";
+    case CUSOLVER_STATUS_NOT_SUPPORTED: return "CUSOLVER_STATUS_NOT_SUPPORTED";
+    case CUSOLVER_STATUS_ZERO_PIVOT: return "CUSOLVER_STATUS_ZERO_PIVOT";
+    case CUSOLVER_STATUS_INVALID_LICENSE: return "CUSOLVER_STATUS_INVALID_LICENSE";
+    case CUSOLVER_STATUS_INVALID_WORKSPACE: return "CUSOLVER_STATUS_INVALID_WORKSPACE";
+    default: return nullptr;
+  }
+}
+
+inline void check_cusolver(cusolverStatus_t status, const char* fn) {
+  if (status == CUSOLVER_STATUS_SUCCESS) return;
+  const char* name = cusolver_status_name(status);
+  throw std::runtime_error(std::string("unlock_fast: ") + fn + " failed with " +
+                           (name ? std::string(name)
+                                 : "cuSOLVER status " + std::to_string(static_cast<int>(status))));
+}
+
+inline void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return;
+  throw std::runtime_error(std::string("unlock_fast: launching ") + kernel + " failed: " +
+                           cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+}
 
 // Makes `device` current for the scope and restores the caller's device after, so that a
 // call on cuda:1 leaves torch's current device as it was.

@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "unlock/common.h"
 
@@ -57,18 +58,50 @@ inline int64_t moments_chunk_rows(int64_t n, int64_t dx, int64_t dy, int64_t bud
   const int64_t per_row = dx + dy + 1;
   int64_t rows = budget_floats / per_row;
   if (rows < 1) rows = 1;
+  if (rows > INT32_MAX) rows = INT32_MAX;  // BLAS row counts are 32-bit
   return rows < n ? rows : n;
 }
 
-// Checks that do not need to read data (shapes, pointers, strides).
+// Checks that do not need to read data: shapes, strides, pointers, and that no state buffer
+// overlaps another buffer of the call.
 inline void moments_check_args(const MomentsArgs& a) {
-  UNLOCK_CHECK_ARG(a.n >= 0 && a.dx > 0 && a.dy >= 0, "moments: bad shape");
+  UNLOCK_CHECK_ARG(a.n >= 0 && a.dx > 0 && a.dy >= 0,
+                   "moments: bad shape: need n >= 0, dx >= 1 and dy >= 0, got n = " +
+                       std::to_string(a.n) + ", dx = " + std::to_string(a.dx) +
+                       ", dy = " + std::to_string(a.dy));
+  // BLAS takes 32-bit sizes.
+  UNLOCK_CHECK_ARG(a.dx <= INT32_MAX && a.dy <= INT32_MAX,
+                   "moments: dx and dy must fit 32-bit BLAS sizes");
   UNLOCK_CHECK_ARG(a.x.data && a.shift_x && a.sum_x && a.gram_xx,
                    "moments: x, shift_x, sum_x and gram_xx are required");
   if (a.dy > 0) {
     UNLOCK_CHECK_ARG(a.y.data && a.shift_y && a.sum_y && a.gram_yy && a.gram_xy,
                      "moments: y needs shift_y, sum_y, gram_yy and gram_xy");
   }
+  // Inputs are only read: any non-negative strides will do, a stride of 0 included.
+  const int64_t x_span =
+      span_elements("moments: x", {{a.n, a.x.stride_row}, {a.dx, a.x.stride_col}});
+  const int64_t y_span =
+      a.dy > 0 ? span_elements("moments: y", {{a.n, a.y.stride_row}, {a.dy, a.y.stride_col}}) : 0;
+  const int64_t w_span =
+      a.weight ? span_elements("moments: weight", {{a.n, a.weight_stride}}) : 0;
+  int64_t gxx = 0, gyy = 0, gxy = 0;
+  UNLOCK_CHECK_ARG(!__builtin_mul_overflow(a.dx, a.dx, &gxx) &&
+                       !__builtin_mul_overflow(a.dy, a.dy, &gyy) &&
+                       !__builtin_mul_overflow(a.dx, a.dy, &gxy),
+                   "moments: dx and dy are too large");
+  const std::size_t f = sizeof(float);
+  const int64_t dy = a.dy;
+  check_no_overlap("moments",
+                   {byte_range("sum_x", a.sum_x, a.dx, f), byte_range("gram_xx", a.gram_xx, gxx, f),
+                    byte_range("sum_y", dy ? a.sum_y : nullptr, dy, f),
+                    byte_range("gram_yy", dy ? a.gram_yy : nullptr, gyy, f),
+                    byte_range("gram_xy", dy ? a.gram_xy : nullptr, gxy, f)},
+                   {byte_range("x", a.x.data, x_span, dtype_size(a.x.dtype)),
+                    byte_range("y", dy ? a.y.data : nullptr, y_span, dtype_size(a.y.dtype)),
+                    byte_range("weight", a.weight, w_span, f),
+                    byte_range("shift_x", a.shift_x, a.dx, f),
+                    byte_range("shift_y", dy ? a.shift_y : nullptr, dy, f)});
 }
 
 void moments_accumulate_cpu(const MomentsArgs& a);

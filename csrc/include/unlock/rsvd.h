@@ -156,11 +156,11 @@ inline RsvdPlan rsvd_plan(bool symmetric, int64_t rows, int64_t cols, int64_t k,
                           double backend_factor) {
   RsvdPlan p;
   const int64_t r = rows < cols ? rows : cols;
-  p.l = k + oversample < r ? k + oversample : r;
+  p.l = oversample < r - k ? k + oversample : r;  // min(k + oversample, r) without overflow
   if (method == RsvdMethod::kExact) {
     p.exact = true;
   } else if (method == RsvdMethod::kAuto) {
-    const double passes = symmetric ? double(n_iter + 2) : double(2 * n_iter + 2);
+    const double passes = symmetric ? double(n_iter) + 2.0 : 2.0 * double(n_iter) + 2.0;
     const double dense_cost = (symmetric ? 1.0 : 8.0) * backend_factor;
     p.exact = passes * double(p.l) >= dense_cost * double(r);
   }
@@ -182,11 +182,23 @@ inline void rsvd_check_args(const RsvdArgs& a, bool symmetric, bool need_buffers
   UNLOCK_CHECK_ARG(int64_t(a.method) >= 0 && int64_t(a.method) <= 2,
                    std::string(name) + ": unknown method code");
   // LAPACK takes 32-bit sizes.
-  UNLOCK_CHECK_ARG(a.rows * a.cols < (int64_t{1} << 31),
+  UNLOCK_CHECK_ARG(a.rows < (int64_t{1} << 31) && a.cols < (int64_t{1} << 31) &&
+                       a.rows * a.cols < (int64_t{1} << 31),
                    std::string(name) + ": matrix too large for 32-bit LAPACK indices");
   if (need_buffers) {
     UNLOCK_CHECK_ARG(a.input && a.values && a.left && (symmetric || a.right),
                      std::string(name) + ": null buffer");
+    const std::size_t t = dtype_size(a.dtype);
+    check_no_overlap(name,
+                     {byte_range("values", a.values, a.k, t),
+                      byte_range(symmetric ? "vectors" : "u", a.left, a.rows * a.k, t),
+                      byte_range("vh", symmetric ? nullptr : a.right, a.k * a.cols, t),
+                      byte_range("workspace", a.workspace,
+                                 static_cast<int64_t>(a.workspace_bytes > INT64_MAX
+                                                          ? INT64_MAX
+                                                          : a.workspace_bytes),
+                                 1)},
+                     {byte_range(symmetric ? "a" : "m", a.input, a.rows * a.cols, t)});
   }
 }
 
