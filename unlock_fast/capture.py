@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from .layers import decoder_layers, input_device
@@ -51,10 +52,20 @@ def layer_output(output: Any) -> torch.Tensor:
 
 
 def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row of a [B, S] mask (any padding side)."""
-    s = attention_mask.shape[1]
-    ar = torch.arange(s, device=attention_mask.device)
-    return (attention_mask.ne(0).long() * ar).argmax(dim=1)
+    """Index of the last real token of each row of a [B, S] mask (any padding side).
+
+    A row with no real token (all zeros) has no such index: ValueError naming the row.
+    """
+    real = attention_mask.ne(0)
+    empty = ~real.any(dim=1)
+    if bool(empty.any()):
+        row = int(empty.nonzero()[0, 0])
+        raise ValueError(
+            f"row {row} of the batch has no real token (its attention mask is all zeros); "
+            "every row needs at least one"
+        )
+    ar = torch.arange(real.shape[1], device=real.device)
+    return (real.long() * ar).argmax(dim=1)
 
 
 def _tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int | None) -> list[list[int]]:
@@ -139,7 +150,8 @@ def iter_activations(
     ``batches`` (lists of prompt indices) fixes the grouping, so that two models can be run
     on the same rows in the same order. Rows go to ``device`` (default: the device of the
     input embeddings) and to ``dtype`` (default: the layer's dtype if it is fp32, fp16 or
-    bf16, else fp32). The model is put in eval mode for the pass and restored afterwards.
+    bf16, else fp32). Each forward runs in eval mode; every module's train/eval mode is put
+    back right after it, so the model is as it was whenever a batch is handed out.
     """
     blocks = decoder_layers(model, layer_path)
     layers = sorted(set(layers))
@@ -178,46 +190,48 @@ def iter_activations(
 
         return hook
 
-    modes = {m: m.training for m in model.modules()}
+    for idx in batches:
+        ids, mask = _pad([tokens[i] for i in idx], int(pad_id), side)
+        if token_level:
+            sel = mask.bool()
+            tok = ids[sel]
+        else:
+            sel = last_positions(mask)
+            tok = ids[torch.arange(len(idx)), sel]
+        state["select_src"] = sel
+        state["select"] = {}
+        store.clear()
+        kwargs: dict[str, Any] = {
+            "input_ids": ids.to(dev_in),
+            "attention_mask": mask.to(dev_in),
+            "use_cache": False,
+        }
+        if use_pos:
+            kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp_min(0).to(dev_in)
+        _forward(model, kwargs, [blocks[i].register_forward_hook(make_hook(i)) for i in layers])
+        missing = [i for i in layers if i not in store]
+        if missing:
+            raise RuntimeError(
+                f"decoder layers {missing} did not run during the forward pass; check layer_path"
+            )
+        yield CapturedBatch(list(idx), dict(store), tok)
+
+
+def _forward(model: nn.Module, kwargs: dict[str, Any], handles: list[RemovableHandle]) -> None:
+    """One capture forward in eval mode. The hooks (``handles``) live only for this forward
+    and every module's train/eval mode is put back right after it, so the model is as it was
+    between batches: captures may interleave, and an abandoned one leaves nothing behind."""
+    modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        for idx in batches:
-            ids, mask = _pad([tokens[i] for i in idx], int(pad_id), side)
-            if token_level:
-                sel = mask.bool()
-                tok = ids[sel]
-            else:
-                sel = last_positions(mask)
-                tok = ids[torch.arange(len(idx)), sel]
-            state["select_src"] = sel
-            state["select"] = {}
-            store.clear()
-            kwargs: dict[str, Any] = {
-                "input_ids": ids.to(dev_in),
-                "attention_mask": mask.to(dev_in),
-                "use_cache": False,
-            }
-            if use_pos:
-                kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp_min(0).to(dev_in)
-            # Hooks live only for this forward, so that captures may interleave.
-            handles = [blocks[i].register_forward_hook(make_hook(i)) for i in layers]
-            try:
-                with torch.inference_mode():
-                    model(**kwargs)
-            except _StopForward:
-                pass
-            finally:
-                for h in handles:
-                    h.remove()
-            missing = [i for i in layers if i not in store]
-            if missing:
-                raise RuntimeError(
-                    f"decoder layers {missing} did not run during the forward pass; check "
-                    "layer_path"
-                )
-            yield CapturedBatch(list(idx), dict(store), tok)
+        with torch.inference_mode():
+            model(**kwargs)
+    except _StopForward:
+        pass
     finally:
-        for m, mode in modes.items():
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
             m.training = mode
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -22,26 +22,119 @@ __all__ = [
     "hidden_size",
     "model_name",
     "model_fingerprint",
+    "legacy_model_fingerprint",
+    "fingerprint_matches",
     "input_device",
 ]
 
-# Config keys that change nothing about the computation or the shapes.
-_VOLATILE_CONFIG_KEYS = {
-    "_name_or_path",
-    "name_or_path",
-    "transformers_version",
-    "torch_dtype",
-    "dtype",
-    "_attn_implementation",
-    "_attn_implementation_autoset",
-    "_commit_hash",
-    "architectures",
-    "use_cache",
-    "output_hidden_states",
-    "output_attentions",
-    "return_dict",
-    "quantization_config",
-}
+# Config keys that change nothing about the activations of the decoder blocks: names and
+# bookkeeping, output switches, the attention backend (same math), dtype, special token ids
+# and generation settings (the tokenizer's business, not the network's), and the settings
+# of heads, losses and weight initialisation, which the blocks never read.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        # names and bookkeeping
+        "_name_or_path",
+        "name_or_path",
+        "transformers_version",
+        "_commit_hash",
+        "architectures",
+        "tokenizer_class",
+        "prefix",
+        "finetuning_task",
+        "task_specific_params",
+        # numerics and backend: the same math
+        "torch_dtype",
+        "dtype",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "_attn_implementation_internal",
+        "_experts_implementation",
+        "quantization_config",
+        "chunk_size_feed_forward",
+        "torchscript",
+        "use_bfloat16",
+        "pretraining_tp",
+        "base_model_tp_plan",
+        "base_model_pp_plan",
+        "base_model_ep_plan",
+        # what the forward returns, not what it computes
+        "use_cache",
+        "output_hidden_states",
+        "output_attentions",
+        "output_router_logits",
+        "return_dict",
+        "output_scores",
+        "return_dict_in_generate",
+        # special token ids
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        # generation settings (older configs carry them)
+        "max_length",
+        "min_length",
+        "do_sample",
+        "early_stopping",
+        "num_beams",
+        "num_beam_groups",
+        "diversity_penalty",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
+        "repetition_penalty",
+        "length_penalty",
+        "no_repeat_ngram_size",
+        "encoder_no_repeat_ngram_size",
+        "bad_words_ids",
+        "num_return_sequences",
+        "remove_invalid_values",
+        "exponential_decay_length_penalty",
+        "suppress_tokens",
+        "begin_suppress_tokens",
+        # heads, losses and initialisation: never read by the decoder blocks
+        "tie_word_embeddings",
+        "id2label",
+        "label2id",
+        "num_labels",
+        "problem_type",
+        "classifier_dropout",
+        "summary_type",
+        "summary_use_proj",
+        "summary_activation",
+        "summary_proj_to_labels",
+        "summary_first_dropout",
+        "router_aux_loss_coef",
+        "router_z_loss_coef",
+        "initializer_range",
+        "initializer_factor",
+    }
+)
+
+# The keys the first fingerprint format left out; keys saved with it stay accepted while the
+# model's config matches (see :func:`fingerprint_matches`).
+_LEGACY_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "name_or_path",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "_commit_hash",
+        "architectures",
+        "use_cache",
+        "output_hidden_states",
+        "output_attentions",
+        "return_dict",
+        "quantization_config",
+    }
+)
 
 
 def _get_path(model: nn.Module, path: str) -> Any:
@@ -146,8 +239,20 @@ def resolve_layer_indices(num_layers: int, layers: Sequence[int] | None) -> list
     return sorted(out)
 
 
-def hidden_size(model: nn.Module) -> int:
-    """Width of the residual stream (from the input embeddings, else from the config)."""
+def _holders(model: nn.Module, layer_path: str | None) -> Iterator[nn.Module]:
+    """``model``, then the modules that hold its decoder blocks, nearest first (a wrapper's
+    inner Hugging Face model). The blocks are looked up only when asked for the second."""
+    yield model
+    blocks = decoder_layers(model, layer_path)
+    for name, mod in model.named_modules():
+        if mod is blocks:
+            parts = name.split(".")[:-1]
+            for i in range(len(parts), 0, -1):
+                yield model.get_submodule(".".join(parts[:i]))
+            return
+
+
+def _own_hidden_size(model: nn.Module) -> int | None:
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
     if emb is not None and getattr(emb, "embedding_dim", None):
@@ -156,9 +261,25 @@ def hidden_size(model: nn.Module) -> int:
     for c in (cfg, getattr(cfg, "text_config", None)):
         for key in ("hidden_size", "n_embd", "d_model"):
             v = getattr(c, key, None) if c is not None else None
-            if isinstance(v, int):
+            if isinstance(v, int) and not isinstance(v, bool):
                 return v
-    raise ValueError(f"cannot tell the hidden size of {type(model).__name__}")
+    return None
+
+
+def hidden_size(model: nn.Module, layer_path: str | None = None) -> int:
+    """Width of the residual stream: from the input embeddings, else from the config, of the
+    model or else of the module that holds its decoder blocks (``layer_path`` names them when
+    they are not found automatically)."""
+    for mod in _holders(model, layer_path):
+        width = _own_hidden_size(mod)
+        if width is not None:
+            return width
+    raise ValueError(
+        f"cannot tell the hidden size of {type(model).__name__}: neither it nor the modules "
+        "holding its decoder blocks have get_input_embeddings() or a config with hidden_size "
+        "(n_embd, d_model). Give the model a `config` with hidden_size, or a "
+        "get_input_embeddings() method"
+    )
 
 
 def model_name(model: nn.Module) -> str:
@@ -168,24 +289,64 @@ def model_name(model: nn.Module) -> str:
     return str(name) if name else type(model).__name__
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """Short hash of the model's config, without fields that do not change the network."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(cfg, "to_dict"):
-        desc: dict[str, Any] = {"class": type(model).__name__}
-    else:
-        desc = _clean(cfg.to_dict())
-    desc["hidden_size"] = hidden_size(model)
+def _config_dict(model: nn.Module, layer_path: str | None) -> dict[str, Any] | None:
+    """The config of the model, else of the module holding its decoder blocks, as a dict."""
+    try:
+        for mod in _holders(model, layer_path):
+            cfg = getattr(mod, "config", None)
+            if cfg is not None and hasattr(cfg, "to_dict"):
+                return dict(cfg.to_dict())
+    except ValueError:  # no config and no decoder blocks found: describe by class
+        return None
+    return None
+
+
+def _hash(desc: dict[str, Any]) -> str:
     blob = json.dumps(desc, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _clean(d: dict[str, Any]) -> dict[str, Any]:
+def model_fingerprint(model: nn.Module, layer_path: str | None = None) -> str:
+    """Short hash of what determines the activations of the decoder blocks: the config
+    without the fields that do not change them (names, dtype, attention backend, special
+    token ids, generation, head and loss settings), and the hidden size."""
+    cfg = _config_dict(model, layer_path)
+    desc: dict[str, Any] = (
+        {"class": type(model).__name__} if cfg is None else _clean(cfg, _VOLATILE_CONFIG_KEYS)
+    )
+    desc["hidden_size"] = hidden_size(model, layer_path)
+    return _hash(desc)
+
+
+def legacy_model_fingerprint(model: nn.Module) -> str:
+    """The fingerprint in its first format (which also hashed special token ids and other
+    fields that do not change the activations), as artifacts saved with it carry."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        desc: dict[str, Any] = {"class": type(model).__name__}
+    else:
+        desc = _clean(cfg.to_dict(), _LEGACY_VOLATILE_CONFIG_KEYS)
+    desc["hidden_size"] = hidden_size(model)
+    return _hash(desc)
+
+
+def fingerprint_matches(fingerprint: str, model: nn.Module, layer_path: str | None = None) -> bool:
+    """Whether an artifact's ``fingerprint`` fits ``model``: the current format, or the first
+    one (artifacts saved before it changed; they match while the config is the same)."""
+    if fingerprint == model_fingerprint(model, layer_path):
+        return True
+    try:
+        return fingerprint == legacy_model_fingerprint(model)
+    except ValueError:
+        return False
+
+
+def _clean(d: dict[str, Any], volatile: frozenset[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if k in _VOLATILE_CONFIG_KEYS:
+        if k in volatile:
             continue
-        out[k] = _clean(v) if isinstance(v, dict) else v
+        out[k] = _clean(v, volatile) if isinstance(v, dict) else v
     return out
 
 
