@@ -21,8 +21,10 @@ from ..stats import Moments
 from .direction import Direction
 from .key import SteeringKey
 from .model_info import ModelInfo
+from .moments_io import read_moments, store_moments
 from .report import AlignmentReport
-from .store import PathLike, expect_shape, read_artifact, register_kind, save_artifact
+from .schema import TensorSpec, check_finite, check_layer_map
+from .store import PathLike, expect_shape, open_artifact, register_kind, save_artifact
 
 __all__ = ["Alignment", "AlignmentReport", "AlignmentStats"]
 
@@ -90,8 +92,9 @@ class AlignmentStats:
         ridge: float = 0.0,
         *,
         eig_rtol: float = EIG_RTOL,
-        oversample: int = 10,
-        n_iter: int = 4,
+        solver: str = "auto",
+        oversample: int | None = None,
+        n_iter: int | None = None,
         seed: int = 0,
     ) -> Alignment:
         """The alignment of rank k = min(rank, N, d_s, d_t) from these statistics."""
@@ -100,6 +103,7 @@ class AlignmentStats:
             centered,
             ridge,
             eig_rtol=eig_rtol,
+            solver=solver,
             oversample=oversample,
             n_iter=n_iter,
             seed=seed,
@@ -112,8 +116,9 @@ class AlignmentStats:
         ridge: float = 0.0,
         *,
         eig_rtol: float = EIG_RTOL,
-        oversample: int = 10,
-        n_iter: int = 4,
+        solver: str = "auto",
+        oversample: int | None = None,
+        n_iter: int | None = None,
         seed: int = 0,
     ) -> dict[int, Alignment]:
         """Alignments for several ranks from one eigendecomposition per layer pair."""
@@ -124,6 +129,7 @@ class AlignmentStats:
             centered=centered,
             ridge=ridge,
             eig_rtol=eig_rtol,
+            solver=solver,
             oversample=oversample,
             n_iter=n_iter,
             seed=seed,
@@ -151,17 +157,7 @@ class AlignmentStats:
 
     def save_pretrained(self, path: PathLike) -> None:
         """Save the raw statistics (to merge or refit later)."""
-        tensors: dict[str, torch.Tensor] = {}
-        states = []
-        for i, m in enumerate(self.moments):
-            state = m.state_dict()
-            small = {}
-            for key, val in state.items():
-                if isinstance(val, torch.Tensor):
-                    tensors[f"pair{i}.{key}"] = val
-                else:
-                    small[key] = val
-            states.append(small)
+        tensors, states = store_moments(self.moments)
         meta = {
             "layer_map": [list(p) for p in self.layer_map],
             "source": self.source.to_dict(),
@@ -174,21 +170,15 @@ class AlignmentStats:
 
     @classmethod
     def from_pretrained(cls, path: PathLike) -> AlignmentStats:
-        _, tensors, meta = read_artifact(path, "alignment_stats")
-        moments = []
-        for i, small in enumerate(meta["moments"]):
-            prefix = f"pair{i}."
-            state = dict(small)
-            state.update({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-            moments.append(Moments.from_state_dict(state))
-        return cls(
-            layer_map=[(int(s), int(t)) for s, t in meta["layer_map"]],
-            moments=moments,
-            source=ModelInfo.from_dict(meta["source"]),
-            target=ModelInfo.from_dict(meta["target"]),
-            token_level=bool(meta["token_level"]),
-            num_prompts=int(meta["num_prompts"]),
-        )
+        """Load statistics saved by :meth:`save_pretrained`, checked entry by entry."""
+        art = open_artifact(path, "alignment_stats")
+        meta = art.meta
+        source = ModelInfo.from_meta(meta.section("source"))
+        target = ModelInfo.from_meta(meta.section("target"))
+        layer_map = meta.layer_map("layer_map", source.num_layers, target.num_layers)
+        token_level, num_prompts = meta.flag("token_level"), meta.integer("num_prompts", lo=0)
+        moments = read_moments(art, len(layer_map), source.hidden_size, target.hidden_size)
+        return cls(layer_map, moments, source, target, token_level, num_prompts)
 
 
 def _merged(a: Moments, b: Moments) -> Moments:
@@ -223,6 +213,11 @@ class Alignment:
     _index: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        check_layer_map(self.layer_map, self.source.num_layers, self.target.num_layers)
+        for name, least in (("rank", 1), ("num_rows", 0), ("num_prompts", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
         p, k = len(self.layer_map), self.core.shape[-1]
         ds, dt = self.source.hidden_size, self.target.hidden_size
         want = {
@@ -238,6 +233,7 @@ class Alignment:
             if t is None:
                 raise ValueError(f"{name} is required (centered={self.centered})")
             expect_shape(name, t, shape)
+            check_finite(name, t)
         self._index = {t: i for i, (_, t) in enumerate(self.layer_map)}
 
     def __repr__(self) -> str:
@@ -366,7 +362,7 @@ class Alignment:
             "target_basis": self.target_basis,
             "eigenvalues": self.eigenvalues,
         }
-        if self.source_mean is not None and self.target_mean is not None:
+        if self.centered and self.source_mean is not None and self.target_mean is not None:
             tensors.update(source_mean=self.source_mean, target_mean=self.target_mean)
         meta = {
             "layer_map": [list(p) for p in self.layer_map],
@@ -392,27 +388,41 @@ class Alignment:
         check_fingerprint: bool = True,
     ) -> Alignment:
         """Load an alignment; with models given, refuse it unless it was made for them."""
-        _, t, meta = read_artifact(path, "alignment")
-        centered = bool(meta["centered"])
+        art = open_artifact(path, "alignment")
+        meta = art.meta
+        source = ModelInfo.from_meta(meta.section("source"))
+        target = ModelInfo.from_meta(meta.section("target"))
+        layer_map = meta.layer_map("layer_map", source.num_layers, target.num_layers)
+        ds, dt = source.hidden_size, target.hidden_size
+        rank, num_rows = meta.integer("rank", lo=1), meta.integer("num_rows", lo=0)
+        k = meta.integer("k", lo=0, hi=min(rank, num_rows, ds, dt))
+        centered, p = meta.flag("centered"), len(layer_map)
+        shapes = {
+            "source_basis": (p, ds, k),
+            "core": (p, k, k),
+            "target_basis": (p, dt, k),
+            "eigenvalues": (p, k),
+        }
+        if centered:
+            shapes.update(source_mean=(p, ds), target_mean=(p, dt))
+        t = art.check_tensors({name: TensorSpec(shape) for name, shape in shapes.items()})
         out = cls(
-            layer_map=[(int(s), int(tt)) for s, tt in meta["layer_map"]],
+            layer_map=layer_map,
             source_basis=t["source_basis"],
             core=t["core"],
             target_basis=t["target_basis"],
             eigenvalues=t["eigenvalues"],
-            source=ModelInfo.from_dict(meta["source"]),
-            target=ModelInfo.from_dict(meta["target"]),
-            rank=int(meta["rank"]),
-            num_rows=int(meta["num_rows"]),
-            num_prompts=int(meta.get("num_prompts", 0)),
+            source=source,
+            target=target,
+            rank=rank,
+            num_rows=num_rows,
+            num_prompts=meta.integer("num_prompts", lo=0, default=0),
             centered=centered,
-            ridge=float(meta["ridge"]),
-            token_level=bool(meta["token_level"]),
-            source_mean=t.get("source_mean") if centered else None,
-            target_mean=t.get("target_mean") if centered else None,
+            ridge=meta.number("ridge", lo=0.0),
+            token_level=meta.flag("token_level"),
+            source_mean=t.get("source_mean"),
+            target_mean=t.get("target_mean"),
         )
-        if int(meta["k"]) != out.k:
-            raise ValueError(f"artifact rank k={meta['k']} does not match its tensors ({out.k})")
         if source_model is not None:
             out.source.check(
                 source_model, what="this alignment's Source", check_fingerprint=check_fingerprint

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .key import SteeringKey
+from .key import SteeringKey, check_vectors, read_vectors
 from .model_info import ModelInfo
-from .store import PathLike, expect_shape, read_artifact, register_kind, save_artifact
+from .store import PathLike, open_artifact, register_kind, save_artifact
 
 __all__ = ["Direction"]
 
@@ -31,9 +31,11 @@ class Direction:
     unlocked_model: ModelInfo | None = None
 
     def __post_init__(self) -> None:
-        want = (len(self.layers), self.model.hidden_size)
-        if self.vectors.dim() != 2 or tuple(self.vectors.shape) != want:
-            raise ValueError(f"vectors must be {list(want)}, got {list(self.vectors.shape)}")
+        self.layers = check_vectors(self.vectors, self.layers, self.model)
+        if isinstance(self.num_prompts, bool) or not isinstance(self.num_prompts, int):
+            raise TypeError(f"num_prompts must be an int, got {self.num_prompts!r}")
+        if self.num_prompts < 0:
+            raise ValueError(f"num_prompts must be >= 0, got {self.num_prompts}")
 
     def __repr__(self) -> str:
         return (
@@ -84,18 +86,16 @@ class Direction:
         check_fingerprint: bool = True,
     ) -> Direction:
         """Load a direction; with ``model``, refuse it unless it was made for that model."""
-        _, tensors, meta = read_artifact(path, "direction")
-        info = ModelInfo.from_dict(meta["model"])
-        layers = [int(i) for i in meta["layers"]]
-        expect_shape("vectors", tensors["vectors"], (len(layers), info.hidden_size))
-        unl = meta.get("unlocked_model")
+        art = open_artifact(path, "direction")
+        vectors, layers, info = read_vectors(art)
+        unlocked = art.meta.optional_section("unlocked_model")
         out = cls(
-            vectors=tensors["vectors"].float(),
+            vectors=vectors,
             layers=layers,
-            method=str(meta["method"]),
-            num_prompts=int(meta["num_prompts"]),
+            method=art.meta.string("method"),
+            num_prompts=art.meta.integer("num_prompts", lo=0),
             model=info,
-            unlocked_model=None if unl is None else ModelInfo.from_dict(unl),
+            unlocked_model=None if unlocked is None else ModelInfo.from_meta(unlocked),
         )
         if model is not None:
             info.check(

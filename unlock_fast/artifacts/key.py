@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -9,9 +11,41 @@ import torch
 from torch import nn
 
 from .model_info import ModelInfo
-from .store import PathLike, expect_shape, read_artifact, register_kind, save_artifact
+from .schema import FLOAT_DTYPES, TensorSpec, check_finite, check_layers
+from .store import PathLike, StoredArtifact, open_artifact, register_kind, save_artifact
 
-__all__ = ["KeyLike", "SteeringKey"]
+__all__ = ["KeyLike", "SteeringKey", "check_vectors", "read_vectors"]
+
+
+def check_vectors(vectors: torch.Tensor, layers: Sequence[int], model: ModelInfo) -> list[int]:
+    """Check per-layer vectors [len(layers), hidden_size] of ``model``: a finite
+    floating-point tensor, the layers distinct and in range. Returns the layers as ints."""
+    if not isinstance(vectors, torch.Tensor) or not vectors.is_floating_point():
+        got = vectors.dtype if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+        raise TypeError(f"vectors must be a floating-point torch.Tensor, got {got}")
+    out = []
+    for i in layers:
+        if isinstance(i, bool):
+            raise TypeError(f"layers must be ints, got {i!r}")
+        try:
+            out.append(operator.index(i))
+        except TypeError:
+            raise TypeError(f"layers must be ints, got {i!r}") from None
+    want = (len(out), model.hidden_size)
+    if vectors.dim() != 2 or tuple(vectors.shape) != want:
+        raise ValueError(f"vectors must be {list(want)}, got {list(vectors.shape)}")
+    check_layers(out, model.num_layers)
+    check_finite("vectors", vectors)
+    return out
+
+
+def read_vectors(art: StoredArtifact) -> tuple[torch.Tensor, list[int], ModelInfo]:
+    """The vectors [len(layers), hidden_size] float32, layers and model of a stored key
+    or direction, checked against each other."""
+    info = ModelInfo.from_meta(art.meta.section("model"))
+    layers = art.meta.layers("layers", info.num_layers)
+    spec = {"vectors": TensorSpec((len(layers), info.hidden_size), FLOAT_DTYPES)}
+    return art.check_tensors(spec)["vectors"].float(), layers, info
 
 
 @dataclass(repr=False)
@@ -28,12 +62,9 @@ class SteeringKey:
     origin: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        want = (len(self.layers), self.model.hidden_size)
-        if self.vectors.dim() != 2 or tuple(self.vectors.shape) != want:
-            raise ValueError(f"vectors must be {list(want)}, got {list(self.vectors.shape)}")
-        bad = [i for i in self.layers if not 0 <= i < self.model.num_layers]
-        if bad:
-            raise ValueError(f"layers {bad} are out of range for {self.model.num_layers} layers")
+        self.layers = check_vectors(self.vectors, self.layers, self.model)
+        if not isinstance(self.origin, dict):
+            raise TypeError(f"origin must be a dict, got {type(self.origin).__name__}")
 
     def __repr__(self) -> str:
         return (
@@ -63,11 +94,9 @@ class SteeringKey:
         check_fingerprint: bool = True,
     ) -> SteeringKey:
         """Load a key; with ``model``, refuse it unless it was made for that model."""
-        _, tensors, meta = read_artifact(path, "steering_key")
-        info = ModelInfo.from_dict(meta["model"])
-        layers = [int(i) for i in meta["layers"]]
-        expect_shape("vectors", tensors["vectors"], (len(layers), info.hidden_size))
-        key = cls(tensors["vectors"].float(), layers, info, dict(meta.get("origin") or {}))
+        art = open_artifact(path, "steering_key")
+        vectors, layers, info = read_vectors(art)
+        key = cls(vectors, layers, info, art.meta.mapping("origin"))
         if model is not None:
             info.check(
                 model,

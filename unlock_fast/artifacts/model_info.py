@@ -7,7 +7,14 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from ..layers import decoder_layers, hidden_size, model_fingerprint, model_name
+from ..layers import (
+    decoder_layers,
+    fingerprint_matches,
+    hidden_size,
+    model_fingerprint,
+    model_name,
+)
+from .schema import Meta
 
 __all__ = ["ModelInfo"]
 
@@ -23,27 +30,31 @@ class ModelInfo:
 
     @classmethod
     def of(cls, model: nn.Module, layer_path: str | None = None) -> ModelInfo:
+        # The blocks first: a model whose blocks can't be found gets the layer_path= hint.
+        num_layers = len(decoder_layers(model, layer_path))
         return cls(
             name=model_name(model),
-            fingerprint=model_fingerprint(model),
-            hidden_size=hidden_size(model),
-            num_layers=len(decoder_layers(model, layer_path)),
+            fingerprint=model_fingerprint(model, layer_path),
+            hidden_size=hidden_size(model, layer_path),
+            num_layers=num_layers,
         )
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, object]) -> ModelInfo:
-        """Read the entry :meth:`to_dict` wrote; ValueError when it is malformed."""
-        bad = ValueError(f"artifact metadata has a malformed model entry: {d!r}")
-        try:
-            name, fingerprint = d["name"], d["fingerprint"]
-            width, depth = d["hidden_size"], d["num_layers"]
-        except (KeyError, TypeError) as e:
-            raise bad from e
-        if not (isinstance(name, str) and isinstance(fingerprint, str)):
-            raise bad
-        if type(width) is not int or type(depth) is not int:  # bool is no size
-            raise bad
-        return cls(name, fingerprint, width, depth)
+    def from_dict(cls, d: Mapping[str, object], source: str = "model entry") -> ModelInfo:
+        """Read the entry :meth:`to_dict` wrote; ValueError (naming ``source``) when it is
+        malformed."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{source}: expected an object, got {type(d).__name__}")
+        return cls.from_meta(Meta(d, source))
+
+    @classmethod
+    def from_meta(cls, meta: Meta) -> ModelInfo:
+        """Read a model entry of an artifact's metadata; ValueError naming the file and
+        the entry when it is malformed."""
+        name, fingerprint = meta.string("name", empty=True), meta.string("fingerprint", empty=True)
+        return cls(
+            name, fingerprint, meta.integer("hidden_size", lo=1), meta.integer("num_layers", lo=1)
+        )
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -65,7 +76,10 @@ class ModelInfo:
                 f"{self.num_layers} layers) but the model given is {got.name} (hidden size "
                 f"{got.hidden_size}, {got.num_layers} layers)"
             )
-        if check_fingerprint and got.fingerprint != self.fingerprint:
+        legacy = isinstance(model, nn.Module) and fingerprint_matches(
+            self.fingerprint, model, layer_path
+        )  # an artifact saved with the earlier fingerprint format
+        if check_fingerprint and got.fingerprint != self.fingerprint and not legacy:
             raise ValueError(
                 f"{what} was made for {self.name} (config fingerprint {self.fingerprint}) but "
                 f"the model given is {got.name} (config fingerprint {got.fingerprint}); pass "
