@@ -71,6 +71,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+@pytest.mark.filterwarnings("ignore::unlock_fast.estimator.RankClampedWarning")
 @pytest.mark.parametrize(
     ("n", "rank", "batches"),
     [(12, 64, 1), (12, 5, 1), (200, 8, 1), (200, 8, 13), (300, 32, 7), (2, 4, 1)],
@@ -91,6 +92,7 @@ def test_streaming_gram_equals_per_sample_formula(n, rank, batches, centered):
     assert rel(alignment.map(x, 0), pred) < 1e-3
 
 
+@pytest.mark.filterwarnings("ignore::unlock_fast.estimator.RankClampedWarning")
 def test_single_row():
     hs, ht = paired_data(1, 24, 40)
     a = stats_from(hs, ht).fit(rank=4)

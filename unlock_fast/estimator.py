@@ -4,30 +4,84 @@ For each layer pair, with Grams G_ss = H_sᵀH_s, G_tt = H_tᵀH_t and G_st = H_
 Grams for the centred variant):
 
     (λ_s, E_s) = top-k eigenpairs of G_ss,  E_t = top-k eigenvectors of G_tt
-    M = diag(1/λ_s) E_sᵀ G_st E_t     (1/λ → 0 below a tolerance, as pinv; or 1/(λ + ridge))
+    M = diag(1/λ_s) E_sᵀ G_st E_t     (1/λ → 0 below pinv's floor; or 1/(λ + ridge))
     T = E_s M E_tᵀ                     [d_s, d_t]
 
 which equals the per-sample formula pinv(H_s V_sᵀ) H_t V_tᵀ. T is kept factored
 (E_s, M, E_t). :func:`heldout_errors` scores a fitted map on held-out moments.
+
+The eigensolver (``solver``):
+
+- ``"auto"`` (the default) decomposes each Gram at k = min(N, d), whatever ranks are asked
+  for, so a map of rank r does not depend on the other ranks fitted with it. With N < d the
+  Gram has rank N and a randomized range finder of width N + ``oversample`` (default 10)
+  captures it whole, with ``n_iter`` power iterations (default 0 for float64 sums, 1 for
+  fp32 sums); every kept eigenpair is then checked by its Ritz residual
+  ||G e - λ e|| <= RITZ_TOL·λ, and the dense decomposition runs when the check fails (or
+  when it is about as cheap: N near d).
+- ``"exact"``: the dense decomposition at k = min(N, d).
+- ``"randomized"``: the sketch at the largest requested rank only, with ``oversample``
+  (default max(10, k)) and ``n_iter`` (default 4) and no check: fast for large d, but
+  approximate, and a rank's map may then depend on the other ranks fitted with it.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 
 from . import ops
 from .stats import Moments
 
-__all__ = ["EIG_RTOL", "Factors", "fit_factors", "heldout_errors"]
+__all__ = [
+    "EIG_RTOL",
+    "RITZ_TOL",
+    "SOLVERS",
+    "Factors",
+    "FitOptions",
+    "RankClampedWarning",
+    "check_fit_settings",
+    "eigen_floor",
+    "fit_factors",
+    "heldout_errors",
+]
 
-# Eigenvalues of G_ss below EIG_RTOL * tr(C_ss) are treated as zero, as pinv drops small
-# singular values. C_ss is the centred Gram: the sums are kept in fp32 around a shift near
-# the mean, so their rounding error scales with tr(C_ss), not with the (large) uncentred G_ss.
-EIG_RTOL = 1e-6
+# An extra floor on the Source eigenvalues, relative to tr(C_ss) (0: pinv's rule alone).
+EIG_RTOL = 0.0
+# Largest accepted Ritz residual ||G e - λ e|| / λ of a kept eigenpair from the sketch; the
+# relative error of T is within a small factor of it.
+RITZ_TOL = 1e-6
+SOLVERS = ("auto", "exact", "randomized")
+# Rounding of the streamed sums, in units of eps·tr(C): fp32 sums around a shift near the
+# mean have an error that scales with the centred trace, not with the uncentred Gram.
+_SUM_NOISE = 8.0
+_EPS64 = torch.finfo(torch.float64).eps
+# Sketch settings of the auto solver when none are given: the Gram has rank <= N, so a few
+# columns beyond N capture it; with float64 sums no power iteration is needed, fp32 sums
+# leave a noise floor over every direction that one iteration pushes down.
+_AUTO_OVERSAMPLE = 10
+_AUTO_N_ITER = {torch.float64: 0, torch.float32: 1}
+_RANDOMIZED_N_ITER = 4
+
+
+class RankClampedWarning(UserWarning):
+    """A requested rank exceeded min(N, d_s, d_t) and was lowered to it."""
+
+
+class FitOptions(TypedDict, total=False):
+    """Solver settings of a fit, each optional: those not given keep the defaults of
+    :func:`fit_factors`."""
+
+    solver: str
+    oversample: int
+    n_iter: int
+    seed: int
+    eig_rtol: float
 
 
 @dataclass
@@ -46,19 +100,62 @@ class Factors:
     target_mean: torch.Tensor | None
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def check_solver_settings(ranks: Sequence[int], ridge: float, eig_rtol: float) -> list[int]:
-    """Validate the fit settings; returns the ranks as a list."""
+    """Validate the ranks, ridge and eigenvalue floor; returns the ranks as a list."""
     ranks = list(ranks)
     for r in ranks:
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        if not _is_int(r) or r < 1:
             raise ValueError(f"rank must be a positive int, got {r!r}")
     if not ranks:
         raise ValueError("ranks must not be empty")
-    if not isinstance(ridge, (int, float)) or ridge < 0 or not math.isfinite(ridge):
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
         raise ValueError(f"ridge must be a finite float >= 0, got {ridge!r}")
+    if ridge < 0 or not math.isfinite(ridge):
+        raise ValueError(f"ridge must be a finite float >= 0, got {ridge!r}")
+    if isinstance(eig_rtol, bool) or not isinstance(eig_rtol, (int, float)):
+        raise ValueError(f"eig_rtol must be in [0, 1), got {eig_rtol!r}")
     if not 0 <= eig_rtol < 1:
         raise ValueError(f"eig_rtol must be in [0, 1), got {eig_rtol!r}")
     return ranks
+
+
+def check_fit_settings(
+    ranks: Sequence[int],
+    ridge: float = 0.0,
+    *,
+    eig_rtol: float = EIG_RTOL,
+    solver: str = "auto",
+    oversample: int | None = None,
+    n_iter: int | None = None,
+    seed: int = 0,
+) -> list[int]:
+    """Validate every setting of a fit (before any forward pass); returns the ranks."""
+    ranks = check_solver_settings(ranks, ridge, eig_rtol)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    for name, v in (("oversample", oversample), ("n_iter", n_iter)):
+        if v is not None and (not _is_int(v) or v < 0):
+            raise ValueError(f"{name} must be an int >= 0 or None, got {v!r}")
+    if not _is_int(seed) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    return ranks
+
+
+def eigen_floor(lam1: float, trace_c: float, rows: int, dim: int, eps: float) -> float:
+    """Eigenvalues of a Gram at or below this count as zero, as pinv drops them.
+
+    pinv(H) drops singular values below rcond·σ_1 with rcond = max(N, d)·eps (eps of the
+    dtype the sums are kept in); for eigenvalues λ = σ² of G = HᵀH that is (rcond·σ_1)² =
+    rcond²·λ_1. The Gram form cannot resolve eigenvalues below its own rounding, which is
+    added as a floor of its own: d·eps64·λ_1 for the float64 decomposition and
+    8·eps·tr(C) for the streamed sums (C the centred Gram).
+    """
+    rcond = max(rows, dim) * eps
+    return max(rcond * rcond * lam1, dim * _EPS64 * lam1, _SUM_NOISE * eps * trace_c)
 
 
 def _inverse_eigenvalues(lam: torch.Tensor, ridge: float, floor: float) -> torch.Tensor:
@@ -69,62 +166,181 @@ def _inverse_eigenvalues(lam: torch.Tensor, ridge: float, floor: float) -> torch
     return torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), 0.0)
 
 
+@dataclass
+class _Solver:
+    """Resolved settings: the method, and the sketch width and power iterations."""
+
+    method: str
+    oversample: int
+    n_iter: int
+    seed: int
+
+
+def _dense(g: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs by a dense decomposition: a sketch as wide as the matrix spans all of
+    it, so the result is exact whichever path the kernel takes (it takes the dense one)."""
+    return ops.eigh_topk(g, k, oversample=g.shape[0], n_iter=2, seed=seed)
+
+
+def _ritz_ok(g: torch.Tensor, lam: torch.Tensor, vec: torch.Tensor, floor: float) -> bool:
+    """Whether every kept eigenpair (λ > floor) has ||G e - λ e|| <= RITZ_TOL·λ."""
+    keep = lam > floor
+    if not bool(keep.any()):
+        return True
+    e, lk = vec[:, keep], lam[keep]
+    resid = (g @ e - e * lk).norm(dim=0)
+    return bool((resid <= RITZ_TOL * lk).all())
+
+
+class _FloorFn:
+    """The eigenvalue floor of one Gram as a function of its largest eigenvalue."""
+
+    def __init__(self, m: Moments, which: str, eig_rtol: float) -> None:
+        self.trace_c = m.trace(which, centered=True)
+        self.rows = m.rows
+        self.dim = m.dim_x if which == "xx" else int(m.dim_y or 0)
+        self.eps = torch.finfo(m.dtype).eps
+        self.extra = eig_rtol * self.trace_c
+
+    def __call__(self, lam1: float) -> float:
+        base = eigen_floor(lam1, self.trace_c, self.rows, self.dim, self.eps)
+        return max(base, self.extra)
+
+
+def _eigenpairs(
+    g: torch.Tensor, k: int, floor_of: _FloorFn, solver: _Solver
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(eigenvalues [k], eigenvectors [d, k], floor) of one Gram with the chosen solver."""
+    if solver.method == "exact":
+        lam, vec = _dense(g, k, solver.seed)
+        return lam, vec, floor_of(float(lam[0]))
+    lam, vec = ops.eigh_topk(
+        g, k, oversample=solver.oversample, n_iter=solver.n_iter, seed=solver.seed
+    )
+    floor = floor_of(float(lam[0]))
+    if solver.method == "auto" and not _ritz_ok(g, lam, vec, floor):
+        lam, vec = _dense(g, k, solver.seed)
+        floor = floor_of(float(lam[0]))
+    return lam, vec, floor
+
+
+def _resolve(
+    solver: str,
+    oversample: int | None,
+    n_iter: int | None,
+    seed: int,
+    kmax: int,
+    sums: torch.dtype,
+) -> _Solver:
+    """The solver's settings, its defaults filled in (``sums``: the moments' dtype)."""
+    if solver == "randomized":
+        return _Solver(
+            solver,
+            max(10, kmax) if oversample is None else oversample,
+            _RANDOMIZED_N_ITER if n_iter is None else n_iter,
+            seed,
+        )
+    return _Solver(
+        solver,
+        _AUTO_OVERSAMPLE if oversample is None else oversample,
+        _AUTO_N_ITER[sums] if n_iter is None else n_iter,
+        seed,
+    )
+
+
+def _clamped_ranks(ranks: list[int], n: int, ds: int, dt: int) -> dict[int, int]:
+    """The effective rank of each requested one; warns once when any is lowered."""
+    bound = min(n, ds, dt)
+    ks = {r: min(r, bound) for r in ranks}
+    lowered = sorted(r for r in ranks if r > bound)
+    if lowered:
+        why = next(
+            text
+            for value, text in ((n, f"N = {n} rows"), (ds, f"d_s = {ds}"), (dt, f"d_t = {dt}"))
+            if value == bound
+        )
+        warnings.warn(
+            f"rank {', '.join(map(str, lowered))} exceeds min(N, d_s, d_t) = {bound} "
+            f"({why}); fitting rank {bound} instead",
+            RankClampedWarning,
+            stacklevel=3,
+        )
+    return ks
+
+
 def fit_factors(
     moments: Sequence[Moments],
     ranks: Sequence[int],
     *,
     centered: bool,
     ridge: float,
-    eig_rtol: float,
-    oversample: int,
-    n_iter: int,
-    seed: int,
+    eig_rtol: float = EIG_RTOL,
+    solver: str = "auto",
+    oversample: int | None = None,
+    n_iter: int | None = None,
+    seed: int = 0,
 ) -> dict[int, Factors]:
-    """The factored map of each rank in ``ranks``, from one eigendecomposition per pair.
+    """The factored map of each rank in ``ranks``, one eigendecomposition per Gram.
 
-    The effective rank of each is min(rank, N, d_s, d_t).
+    The effective rank of each is min(rank, N, d_s, d_t); a :class:`RankClampedWarning`
+    says so once when a rank is lowered. ``solver`` is "auto", "exact" or "randomized"
+    (module docstring); ``oversample`` and ``n_iter`` set its sketch (None: its defaults).
+    Source eigenvalues at or below :func:`eigen_floor` (and below ``eig_rtol``·tr(C_ss)
+    when that is given) are dropped, as pinv drops small singular values.
     """
-    ranks = check_solver_settings(ranks, ridge, eig_rtol)
+    ranks = check_fit_settings(
+        ranks,
+        ridge,
+        eig_rtol=eig_rtol,
+        solver=solver,
+        oversample=oversample,
+        n_iter=n_iter,
+        seed=seed,
+    )
     if not moments or moments[0].rows == 0:
         raise ValueError("these statistics hold no rows; collect some prompts first")
     n = moments[0].rows
     ds, dt = moments[0].dim_x, moments[0].dim_y
     if dt is None:
         raise ValueError("the alignment needs paired moments (Source and Target rows)")
-    kmax = min(max(ranks), n, ds, dt)
-    solver = {"oversample": oversample, "n_iter": n_iter, "seed": seed}
-    per_pair = []
-    for m in moments:
+    ks = _clamped_ranks(ranks, n, ds, dt)
+    kmax = max(ks.values())
+    # The decomposition's rank: the same for every rank list unless the sketch is asked for.
+    k_s = kmax if solver == "randomized" else min(n, ds)
+    k_t = kmax if solver == "randomized" else min(n, dt)
+    parts: dict[int, dict[str, list[torch.Tensor]]] = {r: {} for r in ranks}  # unique
+    for i, m in enumerate(moments):
         gss = m.gram("xx", centered=centered)
         gtt = m.gram("yy", centered=centered)
         gst = m.gram("xy", centered=centered)
-        lam, es = ops.eigh_topk(gss, kmax, **solver)
-        _, et = ops.eigh_topk(gtt, kmax, **solver)
-        proj = es.T @ gst @ et  # [kmax, kmax]
-        means = (m.mean("x"), m.mean("y")) if centered else None
-        noise = float(torch.trace(gss if centered else m.gram("xx", centered=True)))
-        per_pair.append((lam, es, et, proj, means, eig_rtol * noise))
-    out: dict[int, Factors] = {}
-    for r in ranks:
-        k = min(r, n, ds, dt)
-        es_l, core_l, et_l, lam_l, ms_l, mt_l = [], [], [], [], [], []
-        for lam, es, et, proj, means, floor in per_pair:
+        if not all(bool(torch.isfinite(g).all()) for g in (gss, gtt, gst)):
+            raise ValueError(
+                f"the statistics of layer pair {i} hold NaN or Inf (non-finite activations "
+                "were accumulated); collect them again"
+            )
+        how = _resolve(solver, oversample, n_iter, seed, kmax, m.dtype)
+        lam, es, floor = _eigenpairs(gss, k_s, _FloorFn(m, "xx", eig_rtol), how)
+        _, et, _ = _eigenpairs(gtt, k_t, _FloorFn(m, "yy", eig_rtol), how)
+        for r in parts:  # the same operations on the same slices, whatever the other ranks
+            k = ks[r]
             lk = lam[:k].to(torch.float64)
+            esk, etk = es[:, :k], et[:, :k]
             inv = _inverse_eigenvalues(lk, ridge, floor)
-            core_l.append((inv[:, None] * proj[:k, :k].to(torch.float64)).float().cpu())
-            es_l.append(es[:, :k].float().cpu())
-            et_l.append(et[:, :k].float().cpu())
-            lam_l.append(lk.cpu())
-            if means is not None:
-                ms_l.append(means[0].float().cpu())
-                mt_l.append(means[1].float().cpu())
+            core = inv[:, None] * ((esk.T @ gst) @ etk).to(torch.float64)  # [k, k]
+            got = {"es": esk, "core": core, "et": etk, "lam": lk}
+            if centered:
+                got.update(ms=m.mean("x"), mt=m.mean("y"))
+            for name, t in got.items():
+                parts[r].setdefault(name, []).append(t.float().cpu() if name != "lam" else t.cpu())
+    out: dict[int, Factors] = {}
+    for r, p in parts.items():
         out[r] = Factors(
-            source_basis=torch.stack(es_l),
-            core=torch.stack(core_l),
-            target_basis=torch.stack(et_l),
-            eigenvalues=torch.stack(lam_l),
-            source_mean=torch.stack(ms_l) if centered else None,
-            target_mean=torch.stack(mt_l) if centered else None,
+            source_basis=torch.stack(p["es"]),
+            core=torch.stack(p["core"]),
+            target_basis=torch.stack(p["et"]),
+            eigenvalues=torch.stack(p["lam"]),
+            source_mean=torch.stack(p["ms"]) if centered else None,
+            target_mean=torch.stack(p["mt"]) if centered else None,
         )
     return out
 

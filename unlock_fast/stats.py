@@ -1,9 +1,9 @@
 """Streaming sufficient statistics: counts, means and Gram matrices of activation rows.
 
-``Moments`` keeps fp32 running sums of rows shifted by a fixed reference point (the mean of
-the first batch), so centred covariances of residual-stream activations, whose means are
-large, are free of catastrophic cancellation. Merging, all-reduce and finalisation are in
-float64.
+``Moments`` keeps running sums of rows shifted by a fixed reference point (the mean of the
+first batch), so centred covariances of residual-stream activations, whose means are large,
+are free of catastrophic cancellation. The sums are fp32 (the compiled kernel) or float64
+(``dtype=torch.float64``); merging, all-reduce and finalisation are in float64.
 """
 
 from __future__ import annotations
@@ -15,10 +15,22 @@ import torch.distributed as dist
 
 from . import ops
 
-__all__ = ["Moments"]
+__all__ = ["ACCUMULATE_DTYPES", "Moments", "check_accumulate"]
+
+# The dtypes a Moments can keep its sums in.
+ACCUMULATE_DTYPES = (torch.float32, torch.float64)
 
 _STATE_KEYS = ("shift_x", "sum_x", "gram_xx")
 _STATE_KEYS_Y = ("shift_y", "sum_y", "gram_yy", "gram_xy")
+
+
+def check_accumulate(dtype: object) -> torch.dtype:
+    """``dtype`` if it is one of :data:`ACCUMULATE_DTYPES`, else TypeError naming them."""
+    if not isinstance(dtype, torch.dtype) or dtype not in ACCUMULATE_DTYPES:
+        raise TypeError(
+            f"the accumulation dtype must be torch.float32 or torch.float64, got {dtype!r}"
+        )
+    return dtype
 
 
 def _symmetric(g: torch.Tensor) -> torch.Tensor:
@@ -31,15 +43,26 @@ class Moments:
 
     With weights w (ones by default) and a shift a fixed at the first batch, the state is
     count = Σw, sum_x = Σ w (x - a), G_xx = Σ w (x - a)(x - a)ᵀ (and the same for y and the
-    cross term G_xy), all fp32. The kernels update only the upper triangle of G_xx and G_yy;
-    :meth:`gram` and :meth:`state_dict` return full symmetric matrices.
+    cross term G_xy), kept in ``dtype``. The kernels update only the upper triangle of G_xx
+    and G_yy; :meth:`gram` and :meth:`state_dict` return full symmetric matrices.
+
+    ``dtype``: float32 (the default here) runs the compiled kernel and suits most uses: the
+    shift keeps the rounding error of the sums near eps·tr(covariance). float64 sums with
+    torch matmuls at twice the memory; the alignment uses it by default
+    (:func:`~unlock_fast.collect_alignment_stats`), because it inverts the eigenvalues of
+    the Gram and fp32 sums there square the conditioning of the per-sample formula.
 
     Accumulators with the same dimensions merge exactly (:meth:`merge`, :meth:`all_reduce`),
     so batches, threads and processes can each hold one. Memory is O(d²), not O(n·d).
     """
 
     def __init__(
-        self, dim_x: int, dim_y: int | None = None, *, device: torch.device | str = "cpu"
+        self,
+        dim_x: int,
+        dim_y: int | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if isinstance(dim_x, bool) or not isinstance(dim_x, int) or dim_x <= 0:
             raise ValueError(f"dim_x must be a positive int, got {dim_x!r}")
@@ -49,17 +72,18 @@ class Moments:
             raise ValueError(f"dim_y must be a positive int or None, got {dim_y!r}")
         self.dim_x, self.dim_y = dim_x, dim_y
         self.device = torch.device(device)
-        f32: dict[str, Any] = {"dtype": torch.float32, "device": self.device}
+        self.dtype = check_accumulate(dtype)
+        like: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
         self.count = 0.0  # sum of weights
         self.rows = 0
         self.shift_x: torch.Tensor | None = None
         self.shift_y: torch.Tensor | None = None
-        self.sum_x = torch.zeros(dim_x, **f32)
-        self.gram_xx_s = torch.zeros(dim_x, dim_x, **f32)  # upper triangle is authoritative
+        self.sum_x = torch.zeros(dim_x, **like)
+        self.gram_xx_s = torch.zeros(dim_x, dim_x, **like)  # upper triangle is authoritative
         if dim_y is not None:
-            self.sum_y = torch.zeros(dim_y, **f32)
-            self.gram_yy_s = torch.zeros(dim_y, dim_y, **f32)  # upper triangle
-            self.gram_xy_s = torch.zeros(dim_x, dim_y, **f32)
+            self.sum_y = torch.zeros(dim_y, **like)
+            self.gram_yy_s = torch.zeros(dim_y, dim_y, **like)  # upper triangle
+            self.gram_xy_s = torch.zeros(dim_x, dim_y, **like)
 
     @property
     def paired(self) -> bool:
@@ -67,7 +91,10 @@ class Moments:
 
     def __repr__(self) -> str:
         dims = f"{self.dim_x}" if self.dim_y is None else f"{self.dim_x}, {self.dim_y}"
-        return f"Moments({dims}, rows={self.rows}, count={self.count:g}, device={self.device})"
+        kind = "" if self.dtype == torch.float32 else f", dtype={str(self.dtype)[6:]}"
+        return (
+            f"Moments({dims}, rows={self.rows}, count={self.count:g}, device={self.device}{kind})"
+        )
 
     # -- accumulation ------------------------------------------------------------------------
 
@@ -77,8 +104,9 @@ class Moments:
         y: Any | None = None,
         weight: Any | None = None,
     ) -> Moments:
-        """Add a batch of rows (fp32, fp16 or bf16; torch, NumPy or CuPy) with optional
-        non-negative weights [n] (a 0/1 row mask is a weight)."""
+        """Add a batch of rows (fp32, fp16 or bf16, and float64 for a float64 accumulator;
+        torch, NumPy or CuPy) with optional non-negative weights [n] (a 0/1 row mask is a
+        weight)."""
         x = ops.core.as_tensor(x, "x")
         y = None if y is None else ops.core.as_tensor(y, "y")
         if x.dim() != 2 or x.shape[1] != self.dim_x:
@@ -98,7 +126,13 @@ class Moments:
                 raise TypeError(f"weight must be a float or bool tensor, got {w.dtype}")
             if tuple(w.shape) != (x.shape[0],):
                 raise ValueError(f"weight must be [{x.shape[0]}], got {list(w.shape)}")
-            w = w.to(self.device, torch.float32)
+            w = w.to(self.device, self.dtype)
+        if self.dtype == torch.float64:  # the fp32 kernel checks these itself
+            for name, t in (("x", x), ("y", y)):
+                if t is not None and not t.is_floating_point():
+                    raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+            if w is not None and bool((w < 0).any()):
+                raise ValueError("weights must be non-negative")
         if x.shape[0] == 0:
             return self
         x = x.to(self.device)
@@ -108,26 +142,45 @@ class Moments:
             if batch_count <= 0:  # all weights zero: nothing to learn a shift from yet
                 self.rows += int(x.shape[0])
                 return self
-            ws = torch.ones(x.shape[0], device=self.device) if w is None else w
-            self.shift_x = (ws @ x.float()) / batch_count
+            ws = torch.ones(x.shape[0], device=self.device, dtype=self.dtype) if w is None else w
+            self.shift_x = (ws @ x.to(self.dtype)) / batch_count
             if y is not None:
-                self.shift_y = (ws @ y.float()) / batch_count
-        ops.moments_accumulate_(
-            x,
-            y,
-            w,
-            self.shift_x,
-            self.shift_y,
-            self.sum_x,
-            getattr(self, "sum_y", None),
-            self.gram_xx_s,
-            getattr(self, "gram_yy_s", None),
-            getattr(self, "gram_xy_s", None),
-            upper_only=True,
-        )
+                self.shift_y = (ws @ y.to(self.dtype)) / batch_count
+        if self.dtype == torch.float64:
+            self._accumulate64(x, y, w)
+        else:
+            self._accumulate32(x, y, w)
         self.count += batch_count
         self.rows += int(x.shape[0])
         return self
+
+    def _accumulate32(
+        self, x: torch.Tensor, y: torch.Tensor | None, w: torch.Tensor | None
+    ) -> None:
+        """The compiled kernel: fp32 sums, upper triangles of the symmetric Grams."""
+        assert self.shift_x is not None
+        ops.moments_accumulate_(
+            x, y, w, self.shift_x, self.shift_y, self.sum_x, getattr(self, "sum_y", None),
+            self.gram_xx_s, getattr(self, "gram_yy_s", None), getattr(self, "gram_xy_s", None),
+            upper_only=True,
+        )  # fmt: skip
+
+    def _accumulate64(
+        self, x: torch.Tensor, y: torch.Tensor | None, w: torch.Tensor | None
+    ) -> None:
+        """float64 sums with torch matmuls (full Gram matrices)."""
+        assert self.shift_x is not None
+        xs = x.to(torch.float64) - self.shift_x
+        xw = xs if w is None else xs * w[:, None]
+        self.sum_x += xw.sum(0)
+        self.gram_xx_s.addmm_(xw.T, xs)
+        if y is not None:
+            assert self.shift_y is not None
+            ys = y.to(torch.float64) - self.shift_y
+            yw = ys if w is None else ys * w[:, None]
+            self.sum_y += yw.sum(0)
+            self.gram_yy_s.addmm_(yw.T, ys)
+            self.gram_xy_s.addmm_(xw.T, ys)
 
     # -- finalisation (float64) --------------------------------------------------------------
 
@@ -135,6 +188,19 @@ class Moments:
         """Weighted mean of x or y, float64."""
         shift, s = self._pick(which)
         return shift.double() + s.double() / self.count
+
+    def trace(self, which: str = "xx", *, centered: bool = False) -> float:
+        """The trace of :meth:`gram` (``which`` "xx" or "yy"), without forming the matrix."""
+        if which not in ("xx", "yy") or (which == "yy" and not self.paired):
+            raise ValueError(f"which must be xx or yy (paired only), got {which!r}")
+        shift, s = self._pick(which[0])
+        g = self.gram_xx_s if which == "xx" else self.gram_yy_s
+        t, n = s.double(), self.count
+        base = float(torch.diagonal(g).double().sum())
+        if centered:  # tr(G_s) - |t|² / n
+            return base - float(t @ t) / n
+        a = shift.double()
+        return base + 2 * float(a @ t) + n * float(a @ a)
 
     def gram(self, which: str = "xx", *, centered: bool = False) -> torch.Tensor:
         """Σ w·a bᵀ over rows (``centered`` subtracts the means first), float64.
@@ -180,18 +246,14 @@ class Moments:
         n = self.count
         out: dict[str, torch.Tensor] = {}
         if self.shift_x is None:  # empty: everything is zero around any shift
-            out["sum_x"] = torch.zeros(self.dim_x, dtype=torch.float64, device=self.device)
-            out["gram_xx"] = torch.zeros(
-                self.dim_x, self.dim_x, dtype=torch.float64, device=self.device
-            )
-            if self.dim_y is not None:
-                dy = self.dim_y
-                out["sum_y"] = torch.zeros(dy, dtype=torch.float64, device=self.device)
-                out["gram_yy"] = torch.zeros(dy, dy, dtype=torch.float64, device=self.device)
-                out["gram_xy"] = torch.zeros(
-                    self.dim_x, dy, dtype=torch.float64, device=self.device
-                )
-            return out
+            nx, ny = self.dim_x, self.dim_y
+            shapes = {"sum_x": (nx,), "gram_xx": (nx, nx)}
+            if ny is not None:
+                shapes.update(sum_y=(ny,), gram_yy=(ny, ny), gram_xy=(nx, ny))
+            return {
+                k: torch.zeros(v, dtype=torch.float64, device=self.device)
+                for k, v in shapes.items()
+            }
         dx = self.shift_x.double() - shift_x.double()
         tx = self.sum_x.double()
         out["sum_x"] = tx + n * dx
@@ -229,8 +291,8 @@ class Moments:
         count: float,
         rows: int,
     ) -> None:
-        self.shift_x = shift_x.to(self.device, torch.float32)
-        self.shift_y = None if shift_y is None else shift_y.to(self.device, torch.float32)
+        self.shift_x = shift_x.to(self.device, self.dtype)
+        self.shift_y = None if shift_y is None else shift_y.to(self.device, self.dtype)
         self.sum_x.copy_(sums["sum_x"])
         self.gram_xx_s.copy_(sums["gram_xx"])
         if self.paired:
@@ -249,8 +311,9 @@ class Moments:
             )
 
     def merge(self, other: Moments) -> Moments:
-        """Add the rows of ``other`` into this accumulator (exact up to fp32 storage), and
-        return self. The two may have different shifts and devices; ``other`` is unchanged.
+        """Add the rows of ``other`` into this accumulator (exact up to the storage dtype),
+        and return self. The two may have different shifts, devices and dtypes; ``other`` is
+        unchanged.
         """
         self._check_compatible(other)
         if other.shift_x is None:
@@ -313,7 +376,8 @@ class Moments:
 
     def state_dict(self) -> dict[str, Any]:
         """The state as plain values: ints/floats/None for the scalars (JSON-friendly) and
-        contiguous fp32 tensors, safe to store with safetensors. Grams are full matrices."""
+        contiguous tensors in the accumulation dtype, safe to store with safetensors. Grams
+        are full matrices."""
         state: dict[str, Any] = {
             "dim_x": self.dim_x,
             "dim_y": self.dim_y,
@@ -321,16 +385,15 @@ class Moments:
             "rows": int(self.rows),
         }
         zeros = torch.zeros
+        like: dict[str, Any] = {"device": self.device, "dtype": self.dtype}
         state["shift_x"] = (
-            zeros(self.dim_x, device=self.device) if self.shift_x is None else self.shift_x.clone()
+            zeros(self.dim_x, **like) if self.shift_x is None else self.shift_x.clone()
         )
         state["sum_x"] = self.sum_x.clone()
         state["gram_xx"] = _symmetric(self.gram_xx_s).contiguous()
         if self.dim_y is not None:
             state["shift_y"] = (
-                zeros(self.dim_y, device=self.device)
-                if self.shift_y is None
-                else self.shift_y.clone()
+                zeros(self.dim_y, **like) if self.shift_y is None else self.shift_y.clone()
             )
             state["sum_y"] = self.sum_y.clone()
             state["gram_yy"] = _symmetric(self.gram_yy_s).contiguous()
@@ -342,7 +405,8 @@ class Moments:
         cls, state: dict[str, Any], *, device: torch.device | str | None = None
     ) -> Moments:
         """Rebuild an accumulator from :meth:`state_dict` output (tensors on ``device``, or
-        where they are)."""
+        where they are). The accumulation dtype is float64 when ``sum_x`` is float64, else
+        float32."""
         missing = [k for k in ("dim_x", "count", "rows", *_STATE_KEYS) if k not in state]
         if missing:
             raise ValueError(f"state is missing {', '.join(missing)}")
@@ -353,17 +417,13 @@ class Moments:
         missing = [k for k in keys if k not in state]
         if missing:
             raise ValueError(f"state is missing {', '.join(missing)}")
-        dev = torch.device(device) if device is not None else state["sum_x"].device
-        m = cls(dim_x, dim_y, device=dev)
-        want = {
-            "shift_x": (dim_x,),
-            "sum_x": (dim_x,),
-            "gram_xx": (dim_x, dim_x),
-            "shift_y": (dim_y,),
-            "sum_y": (dim_y,),
-            "gram_yy": (dim_y, dim_y),
-            "gram_xy": (dim_x, dim_y),
-        }
+        sum_x = state["sum_x"]
+        dev = torch.device(device) if device is not None else getattr(sum_x, "device", "cpu")
+        f64 = isinstance(sum_x, torch.Tensor) and sum_x.dtype == torch.float64
+        m = cls(dim_x, dim_y, device=dev, dtype=torch.float64 if f64 else torch.float32)
+        dy = dim_y or 0
+        shapes = [(dim_x,), (dim_x,), (dim_x, dim_x), (dy,), (dy,), (dy, dy), (dim_x, dy)]
+        want = dict(zip(_STATE_KEYS + _STATE_KEYS_Y, shapes, strict=True))
         t = {}
         for k in keys:
             v = state[k]
@@ -372,7 +432,7 @@ class Moments:
                 raise ValueError(
                     f"state[{k!r}] must be a tensor of shape {list(want[k])}, got {got}"
                 )
-            t[k] = v.to(dev, torch.float32)
+            t[k] = v.to(dev, m.dtype)
         m.count, m.rows = float(state["count"]), int(state["rows"])
         if m.rows > 0 or m.count > 0:
             m.shift_x = t["shift_x"].clone()

@@ -19,6 +19,7 @@ from .alignment import LayerMap, plan_alignment
 from .artifacts import AlignmentStats, Direction
 from .collect import Side, lockstep
 from .direction import DirectionAccumulator, finish_direction, plan_direction
+from .stats import check_accumulate
 
 __all__ = ["collect_transfer"]
 
@@ -46,6 +47,7 @@ def collect_transfer(
     progress: bool = True,
     distributed: bool = False,
     group: ProcessGroup | None = None,
+    accumulate: torch.dtype = torch.float64,
 ) -> tuple[Direction, AlignmentStats]:
     """The Source's direction (every layer) and the alignment statistics, in one pass.
 
@@ -53,7 +55,11 @@ def collect_transfer(
     ``collect_alignment_stats(source, ..., target, ..., prompts_locked,
     target_prompts=target_prompts, ...)``, with the Source's locked pass shared.
     ``target_prompts`` renders the same items for the Target (default: ``prompts_locked``).
+    ``accumulate`` is the dtype of the alignment's sums (see
+    :func:`~unlock_fast.collect_alignment_stats`). NaN or Inf in a captured row stops the
+    pass with a ValueError naming the model, the layer and the prompts.
     """
+    check_accumulate(accumulate)
     d = plan_direction(
         source_model,
         source_tokenizer,
@@ -85,7 +91,7 @@ def collect_transfer(
         source_layer_path,
     )
     directions = DirectionAccumulator(d.layers, d.info.hidden_size, method)
-    alignment = a.accumulator()
+    alignment = a.accumulator(accumulate)
     with lockstep(
         [locked, d.unlocked, a.target],
         desc="direction + alignment",

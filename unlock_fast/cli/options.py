@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 __all__ = [
     "EPILOG_MODELS",
     "HelpFormatter",
@@ -14,11 +16,13 @@ __all__ = [
     "add_model",
     "add_output",
     "add_runtime",
+    "accumulate_dtype",
     "add_steering",
     "chat_mode",
     "float_list",
     "int_list",
     "layer_spec",
+    "nonnegative_int",
     "positive_int",
     "thread_count",
 ]
@@ -80,6 +84,26 @@ def positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
     return v
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+ACCUMULATE = {"float64": torch.float64, "float32": torch.float32}
+
+
+def accumulate_dtype(text: str) -> torch.dtype:
+    """'float64' or 'float32' as a torch dtype."""
+    if text not in ACCUMULATE:
+        raise argparse.ArgumentTypeError(f"expected float64 or float32, got {text!r}")
+    return ACCUMULATE[text]
 
 
 def layer_spec(text: str) -> list[int] | None:
@@ -217,6 +241,35 @@ def add_alignment(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ridge", type=float, default=0.0, help="ridge added to the Source eigenvalues")
     g.add_argument(
         "--n-heldout", type=int, default=32, help="held-out problems for the diagnostics (0: none)"
+    )
+    g.add_argument(
+        "--solver",
+        choices=("auto", "exact", "randomized"),
+        default=None,
+        help="eigensolver of the fit: auto (exact results; a verified sketch when N is "
+        "below the hidden size), exact (dense), randomized (fast, approximate) "
+        "(default: auto)",
+    )
+    g.add_argument(
+        "--oversample",
+        type=nonnegative_int,
+        default=None,
+        help="extra sketch columns of the solver (default: 10; randomized: max(10, rank))",
+    )
+    g.add_argument(
+        "--power-iters",
+        type=nonnegative_int,
+        default=None,
+        help="power iterations of the solver's sketch (default: 0 with float64 sums, 1 with "
+        "float32; randomized: 4)",
+    )
+    g.add_argument(
+        "--accumulate",
+        type=accumulate_dtype,
+        default="float64",
+        metavar="{float64,float32}",
+        help="dtype of the alignment's Gram sums: float64 keeps the fit exact; float32 "
+        "halves their memory",
     )
 
 

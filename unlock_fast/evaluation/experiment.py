@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..alignment import collect_alignment_stats
+from ..alignment import check_fit_options, collect_alignment_stats, fit_options
 from ..artifacts import Alignment, AlignmentReport, AlignmentStats, Direction, SteeringKey
 from ..direction import extract_direction
 from ..transfer import collect_transfer
@@ -89,14 +89,23 @@ def run_transfer(
     batch_size: int = 8,
     progress: bool = True,
     with_direction: bool = True,
+    accumulate: torch.dtype = torch.float64,
+    solver: str | None = None,
+    oversample: int | None = None,
+    n_iter: int | None = None,
 ) -> TransferRun:
     """Direction on the Source (direct vs CoT prompt), alignment on the direct prompt,
     transfer, and held-out diagnostics when ``heldout`` is given.
 
     The Source's direct-prompt pass feeds the direction and the alignment at once
     (:func:`~unlock_fast.collect_transfer`). With ``with_direction=False`` only the
-    alignment is made (the run's ``direction`` and ``key`` are None).
+    alignment is made (the run's ``direction`` and ``key`` are None). ``accumulate`` is the
+    dtype of the alignment's sums; ``solver``, ``oversample`` and ``n_iter`` choose the
+    eigensolver of the fit (None: its defaults). The rank and these settings are checked
+    before any forward pass.
     """
+    options = fit_options(solver, oversample, n_iter)
+    check_fit_options(rank, ridge, options)
     if not train:
         raise ValueError("train must hold at least one problem")
     if heldout:
@@ -120,6 +129,7 @@ def run_transfer(
             layer_map=layer_map,
             batch_size=batch_size,
             progress=progress,
+            accumulate=accumulate,
         )
     else:
         stats = collect_alignment_stats(
@@ -132,8 +142,9 @@ def run_transfer(
             layer_map=layer_map,
             batch_size=batch_size,
             progress=progress,
+            accumulate=accumulate,
         )
-    alignment = stats.fit(rank=rank, centered=centered, ridge=ridge)
+    alignment = stats.fit(rank=rank, centered=centered, ridge=ridge, **options)
     if direction is not None:
         key = alignment.transfer(direction)
     run = TransferRun(direction, stats, alignment, key)
@@ -151,6 +162,7 @@ def run_transfer(
             layer_map=alignment.layer_map,
             batch_size=batch_size,
             progress=progress,
+            accumulate=accumulate,
         )
         run.diagnostics = alignment.diagnose(run.heldout_stats)
     return run
