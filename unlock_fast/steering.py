@@ -3,17 +3,33 @@
 ``rotate`` (the paper's rule) turns the hidden state toward the key and keeps its norm:
 h <- normalize(h/||h|| + alpha * r/||r||) * ||h||. ``add`` adds alpha * r.
 
-Where (per forward call; a call with an empty or no KV cache is a prefill):
+Where (``positions``):
 
-- ``last_prompt``: the last real prompt token of each row, during prefill only (the paper);
-  generated tokens feel it through the KV cache;
-- ``prompt``: every real prompt token, during prefill;
-- ``generated``: every token processed after prefill (decoding steps);
+- ``last_prompt``: the last real prompt token of each row (the paper); generated tokens feel
+  it through the KV cache;
+- ``prompt``: every real prompt token;
+- ``generated``: every token after the prompt (decoding steps);
 - ``all``: both.
 
-The attention mask and cache are read by a pre-hook on the module that runs the decoder
-blocks, so padding on either side is handled row by row. Hooks are removed on exit, also on
-exceptions; the model is then bit-for-bit what it was.
+Steering follows the prompt, not the cache: ``generate(..., use_cache=False)`` re-runs the
+whole sequence at every step, and each re-run steers the same tokens as the prefill and the
+decoding steps with a cache would (see :mod:`unlock_fast.steering_state` for how a re-run is
+told from a new prompt). The attention mask and cache are read by a pre-hook on the module
+that runs the decoder blocks, so padding on either side is handled row by row. A call
+without an attention mask takes every token as real, and refuses a batch whose rows start or
+end with the model's pad token id; a prompt row with no real token is an error. Hooks are
+removed on exit, also on exceptions; the model is then bit-for-bit what it was.
+
+Cost: the key, alpha and mode are checked once, when the hooks are installed, and each call's
+positions or mask once per call and device; a layer hook then checks only the hidden states
+and calls the kernel (:func:`unlock_fast.ops.steer_unchecked_`).
+
+``torch.compile``: a steered model compiles without graph breaks from the hooks (also with
+``fullgraph=True``). Under compilation the layer hooks call the registered operator
+``torch.ops.unlock_fast.steer_`` and the pre-hook reads the mask and cache without a host
+sync; see :mod:`unlock_fast.steering_state` for the two refusals that become asynchronous
+assertions there, and for the one kind of call (a no-cache re-run) that still compares tokens
+on the host (a graph break).
 """
 
 from __future__ import annotations
@@ -29,33 +45,52 @@ from torch import nn
 
 from . import ops, reference
 from .artifacts import KeyLike, ModelInfo, SteeringKey
-from .capture import last_positions, layer_output
+from .capture import layer_output
 from .layers import (
     decoder_layers,
     hidden_size,
+    legacy_model_fingerprint,
     model_fingerprint,
     model_name,
     resolve_layer_indices,
 )
+from .ops.steer import STEER_MODES
+from .steering_state import POSITIONS, CallTracker
 
 __all__ = ["Key", "SteeringHandle", "steer", "MODES", "POSITIONS"]
 
 MODES = ("rotate", "add")
-POSITIONS = ("last_prompt", "prompt", "generated", "all")
 
 
 Key = KeyLike | Sequence[KeyLike | None] | torch.Tensor
 
 
+class _KeyCheck:
+    """Checks keys against the model: shapes, and the config fingerprint in its current
+    format or, for keys saved before that format, the first one."""
+
+    def __init__(self, model: nn.Module, info: ModelInfo, check_fingerprint: bool) -> None:
+        self.model, self.info, self.check_fingerprint = model, info, check_fingerprint
+        self._legacy: str | None = None
+
+    def __call__(self, key: SteeringKey) -> None:
+        check = self.check_fingerprint and key.model.fingerprint != self.info.fingerprint
+        if check:
+            if self._legacy is None:
+                self._legacy = legacy_model_fingerprint(self.model)
+            check = key.model.fingerprint != self._legacy
+        key.model.check(self.info, what="this steering key", check_fingerprint=check)
+
+
 def _normalise_key(
-    key: Key, info: ModelInfo, check_fingerprint: bool
+    key: Key, info: ModelInfo, check: Callable[[SteeringKey], None]
 ) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
     """Return (vectors [L_sel, d] or [B, L_sel, d], layers, row_on [B] bool or None)."""
     d_model, num_layers = info.hidden_size, info.num_layers
     if isinstance(key, KeyLike):
         key = key.as_key()
     if isinstance(key, SteeringKey):
-        key.model.check(info, what="this steering key", check_fingerprint=check_fingerprint)
+        check(key)
         return key.vectors.float(), list(key.layers), None
     if isinstance(key, torch.Tensor):
         if key.dim() not in (2, 3) or key.shape[-2:] != (num_layers, d_model):
@@ -78,7 +113,7 @@ def _normalise_key(
         real = [k.as_key() for k in given if isinstance(k, KeyLike)]
         layers = list(real[0].layers)
         for k in real:
-            k.model.check(info, what="this steering key", check_fingerprint=check_fingerprint)
+            check(k)
             if list(k.layers) != layers:
                 raise ValueError(
                     f"all keys of a batch must cover the same layers, got {layers} and "
@@ -105,18 +140,13 @@ def _stack_owner(model: nn.Module, blocks: nn.Module) -> nn.Module:
     return model
 
 
-def _cache_length(pkv: Any) -> int:
-    if pkv is None:
-        return 0
-    get = getattr(pkv, "get_seq_length", None)
-    if callable(get):
-        return int(get())
-    if isinstance(pkv, (tuple, list)):  # legacy ((k, v), ...) layout
-        if not pkv or pkv[0] is None:
-            return 0
-        first = pkv[0][0] if isinstance(pkv[0], (tuple, list)) else pkv[0]
-        return int(first.shape[-2]) if isinstance(first, torch.Tensor) else 0
-    return 0
+@dataclass
+class _OnDevice:
+    """A call's selection on one device, checked once for all the layers on it."""
+
+    positions: torch.Tensor | None
+    mask: torch.Tensor | None
+    rows: tuple[int, ...]  # (B,) for positions, (B, S) for a mask: what hidden must match
 
 
 @dataclass
@@ -125,9 +155,30 @@ class _Call:
 
     positions: torch.Tensor | None  # [B] long, -1 = leave the row alone
     mask: torch.Tensor | None  # [B, S] bool
-    per_device: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = field(
-        default_factory=dict
-    )
+    per_device: dict[torch.device, _OnDevice] = field(default_factory=dict)
+
+    def on(self, device: torch.device) -> _OnDevice:
+        """The selection on ``device``: moved there and checked the first time only."""
+        sel = self.per_device.get(device)
+        if sel is None:
+            sel = self.per_device[device] = _checked(self.positions, self.mask, device)
+        return sel
+
+
+def _checked(
+    positions: torch.Tensor | None, mask: torch.Tensor | None, device: torch.device
+) -> _OnDevice:
+    """The selection in the form the unchecked kernel entry takes (int64 contiguous
+    positions or a bool mask, on ``device``); ValueError when it is neither."""
+    if positions is not None and mask is None:
+        p = positions.to(device=device, dtype=torch.int64).contiguous()
+        if p.dim() == 1:
+            return _OnDevice(p, None, (int(p.shape[0]),))
+    elif mask is not None and positions is None:
+        m = mask.to(device)
+        if m.dtype == torch.bool and m.dim() == 2:
+            return _OnDevice(None, m, (int(m.shape[0]), int(m.shape[1])))
+    raise ValueError("a steering call needs [B] int positions or a [B, S] bool mask")
 
 
 class SteeringHandle:
@@ -147,11 +198,13 @@ class SteeringHandle:
         self.model = model
         self.alpha = float(alpha)
         self.mode = mode
+        self._mode_code = STEER_MODES[mode]
         self.positions = positions
         self.layers = layers
         self._vectors = vectors  # [L_sel, d] or [B, L_sel, d], fp32
         self._row_on = row_on
         self._call: _Call | None = None
+        self._tracker = CallTracker(model, positions)
         self._vec_cache: dict[tuple[int, torch.device, int], torch.Tensor] = {}
         owner = _stack_owner(model, blocks)
         try:
@@ -185,6 +238,7 @@ class SteeringHandle:
             h.remove()
         self._hooks = []
         self._call = None
+        self._tracker.reset()
         self._vec_cache.clear()
 
     # -- hooks ---------------------------------------------------------------------------
@@ -199,41 +253,14 @@ class SteeringHandle:
         return dict(kwargs)
 
     def _pre_hook(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        a = self._arguments(args, kwargs)
-        x = a.get("input_ids")
-        if x is None:
-            x = a.get("inputs_embeds")
-        if not isinstance(x, torch.Tensor):
-            self._call = None
+        self._call = None
+        sel = self._tracker.select(self._arguments(args, kwargs))
+        if sel is None:
             return
-        b, s = int(x.shape[0]), int(x.shape[1])
-        cache = a.get("past_key_values")
-        if cache is None:  # newer transformers name it ``cache``
-            cache = a.get("cache")
-        past = _cache_length(cache)
-        am = a.get("attention_mask")
-        if isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[0] == b:
-            real = am[:, -s:].ne(0)
-        else:
-            real = torch.ones(b, s, dtype=torch.bool, device=x.device)
-        prefill = past == 0
-        want_prefill = self.positions in ("last_prompt", "prompt", "all")
-        want_decode = self.positions in ("generated", "all")
-        on = self._rows_on(b, real.device)
-        if prefill and self.positions == "last_prompt":
-            pos = last_positions(real)
-            if on is not None:
-                pos = torch.where(on, pos, torch.full_like(pos, -1))
-            self._call = _Call(positions=pos, mask=None)
-        elif (prefill and want_prefill) or (not prefill and want_decode):
-            mask = real if on is None else real & on[:, None]
-            if s == 1:  # one token per row (decoding): the cheaper per-row form
-                pos = torch.where(mask[:, 0], 0, -1)
-                self._call = _Call(positions=pos, mask=None)
-            else:
-                self._call = _Call(positions=None, mask=mask)
-        else:
-            self._call = None
+        on = self._rows_on(int(sel.where.shape[0]), sel.where.device)
+        if on is not None:
+            sel = sel.only_rows(on)
+        self._call = _Call(positions=sel.positions, mask=sel.mask)
 
     def _post_hook(self, *_: Any) -> None:
         self._call = None
@@ -271,23 +298,47 @@ class SteeringHandle:
             if call is None:
                 return None
             h = layer_output(output)
-            sel = call.per_device.get(h.device)
-            if sel is None:
-                sel = call.per_device[h.device] = (
-                    None if call.positions is None else call.positions.to(h.device),
-                    None if call.mask is None else call.mask.to(h.device),
-                )
+            if torch.compiler.is_compiling():
+                return self._traced_step(i, h, output, call)
+            sel = call.on(h.device)
             vec = self._vector(i, h.device, h.shape[0])
             if torch.is_grad_enabled() and h.requires_grad:  # differentiable path
                 new = reference.steer_reference(
-                    h, vec, self.alpha, positions=sel[0], mask=sel[1], mode=self.mode
+                    h, vec, self.alpha, positions=sel.positions, mask=sel.mask, mode=self.mode
                 )
                 return _replace(output, new)
             target = h if h.is_contiguous() else h.contiguous()
-            ops.steer_(target, vec, self.alpha, positions=sel[0], mask=sel[1], mode=self.mode)
+            if target.shape[: len(sel.rows)] == sel.rows:
+                # alpha, mode and the vector were checked at installation, the selection
+                # once per call and device: only hidden is checked per layer.
+                ops.steer_unchecked_(
+                    target, vec, self.alpha, self._mode_code, sel.positions, sel.mask
+                )
+            else:  # a shape mismatch: the checked entry raises naming it
+                ops.steer_(
+                    target, vec, self.alpha, positions=sel.positions, mask=sel.mask, mode=self.mode
+                )
             return None if target is h else _replace(output, target)
 
         return hook
+
+    def _traced_step(self, i: int, h: torch.Tensor, output: Any, call: _Call) -> Any:
+        """The layer step under ``torch.compile``: no caches, and the kernel as the operator
+        ``torch.ops.unlock_fast.steer_``, so the hook adds one graph node, not a break."""
+        vec = self._vectors[i] if self._vectors.dim() == 2 else self._vectors[:, i]
+        if vec.dim() == 2:
+            vec = self._expand(vec, h.shape[0])
+        vec = vec.to(device=h.device, dtype=torch.float32).contiguous()
+        pos = None if call.positions is None else call.positions.to(h.device)
+        mask = None if call.mask is None else call.mask.to(h.device)
+        if torch.is_grad_enabled() and h.requires_grad:
+            new = reference.steer_reference(
+                h, vec, self.alpha, positions=pos, mask=mask, mode=self.mode
+            )
+            return _replace(output, new)
+        target = h.contiguous()
+        torch.ops.unlock_fast.steer_(target, vec, self.alpha, pos, mask, self.mode)
+        return _replace(output, target)
 
 
 def _replace(output: Any, h: torch.Tensor) -> Any:
@@ -312,8 +363,13 @@ def steer(
     key: a SteeringKey (or a Direction, applied to its own model); a list with one
     SteeringKey per batch row (None leaves a row alone); or a tensor [L, d] / [B, L, d]
     over all L decoder layers. ``layers`` restricts steering to some of the key's layers.
-    Inputs are checked before any hook is installed, so a bad call leaves the model as it
-    was.
+    A key's config fingerprint must match the model's (keys saved with the first fingerprint
+    format are accepted while the config is the one they were made with);
+    ``check_fingerprint=False`` checks shapes only. Inputs are checked before any hook is
+    installed, so a bad call leaves the model as it was.
+
+    Forward calls should pass the attention mask of a padded batch: without one every token
+    is taken as real, and a row that starts or ends with ``config.pad_token_id`` is refused.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -326,12 +382,13 @@ def steer(
     blocks = decoder_layers(model, layer_path)
     info = ModelInfo(
         name=model_name(model),
-        fingerprint=model_fingerprint(model) if check_fingerprint else "",
-        hidden_size=hidden_size(model),
+        fingerprint=model_fingerprint(model, layer_path) if check_fingerprint else "",
+        hidden_size=hidden_size(model, layer_path),
         num_layers=len(blocks),
     )
     num_layers = info.num_layers
-    vectors, key_layers, row_on = _normalise_key(key, info, check_fingerprint)
+    check = _KeyCheck(model, info, check_fingerprint)
+    vectors, key_layers, row_on = _normalise_key(key, info, check)
     if layers is not None:
         chosen = resolve_layer_indices(num_layers, layers)
         missing = [i for i in chosen if i not in key_layers]

@@ -1,5 +1,10 @@
-// CUDA backend of in-place residual steering: one block per candidate row, one pass for the
-// dot products (warp-shuffle reductions), one for the combination; no host synchronisation.
+// CUDA backend of in-place residual steering: one block per candidate row. The row is read
+// in 16-byte packs (4 fp32 or 8 fp16/bf16 values) where the layout allows it, and the three
+// dot products |h|², h·r and |r|² come from one pass and one fused block reduction; a second
+// pass writes the combination. No host synchronisation.
+#include <cassert>
+#include <cstdint>
+
 #include "unlock/cuda_utils.h"
 #include "unlock/steer.h"
 
@@ -8,14 +13,20 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+constexpr int kPackBytes = 16;
+
+struct Dots {
+  float hh, hr, rr;
+};
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
-// Sum over the block; every thread gets the same bits (lane 0's butterfly result, so that
-// branches on the total are uniform). `scratch` holds kWarps floats, one array per call site.
+// Sums over the block; every thread gets the same bits (lane 0's butterfly result, so that
+// branches on the totals are uniform). Each call site has its own scratch, so no second
+// barrier is needed between calls.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
   v = warp_sum(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -25,15 +36,75 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return __shfl_sync(0xffffffffu, warp_sum(v), 0);
 }
 
-template <class Tag>
+// The three dot products in one reduction: one barrier instead of three.
+__device__ __forceinline__ Dots block_sum3(Dots v, float (*scratch)[3]) {
+  v.hh = warp_sum(v.hh);
+  v.hr = warp_sum(v.hr);
+  v.rr = warp_sum(v.rr);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    scratch[warp][0] = v.hh;
+    scratch[warp][1] = v.hr;
+    scratch[warp][2] = v.rr;
+  }
+  __syncthreads();
+  const bool in = lane < kWarps;
+  Dots t{in ? scratch[lane][0] : 0.f, in ? scratch[lane][1] : 0.f, in ? scratch[lane][2] : 0.f};
+  t.hh = __shfl_sync(0xffffffffu, warp_sum(t.hh), 0);
+  t.hr = __shfl_sync(0xffffffffu, warp_sum(t.hr), 0);
+  t.rr = __shfl_sync(0xffffffffu, warp_sum(t.rr), 0);
+  return t;
+}
+
+// N consecutive elements starting at p: one 16-byte transaction per 16 bytes when kVec (p is
+// then 16-byte aligned), element by element otherwise.
+template <int N, bool kVec, class T>
+__device__ __forceinline__ void load_pack(const T* p, T (&out)[N]) {
+  if constexpr (kVec) {
+    static_assert((N * sizeof(T)) % kPackBytes == 0, "a pack is a whole number of 16 bytes");
+    constexpr int kWords = static_cast<int>(N * sizeof(T)) / kPackBytes;
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) {
+      reinterpret_cast<uint4*>(out)[w] = reinterpret_cast<const uint4*>(p)[w];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = p[i];
+  }
+}
+
+template <int N, bool kVec, class T>
+__device__ __forceinline__ void store_pack(T* p, const T (&in)[N]) {
+  if constexpr (kVec) {
+    constexpr int kWords = static_cast<int>(N * sizeof(T)) / kPackBytes;
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) {
+      reinterpret_cast<uint4*>(p)[w] = reinterpret_cast<const uint4*>(in)[w];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) p[i] = in[i];
+  }
+}
+
+// kVec: every row and the vector are 16-byte aligned and d is a multiple of the pack
+// (checked on the host by `vectorisable`); otherwise one element per thread and step.
+template <class Tag, bool kVec>
 __global__ void __launch_bounds__(kThreads) steer_kernel(SteerArgs a) {
   using T = typename Tag::storage;
-  __shared__ float s_hh[kWarps], s_hr[kWarps], s_rr[kWarps], s_uu[kWarps];
+  constexpr int N = kVec ? kPackBytes / static_cast<int>(sizeof(T)) : 1;
+  __shared__ float s_dots[kWarps][3], s_uu[kWarps];
   int64_t b, s;
   if (a.positions) {
     b = blockIdx.x;
     s = a.positions[b];
-    if (s < 0 || s >= a.seq) return;
+    // The CPU backend raises for such a position before any row changes; here it is a
+    // device-side assertion (reported at the next synchronisation), never a silent skip.
+    if (s < -1 || s >= a.seq) {
+      __assert_fail("steer: every position must lie in [-1, S) (-1 leaves the row alone)",
+                    __FILE__, __LINE__, __func__);
+    }
+    if (s < 0) return;
   } else {
     b = blockIdx.x / a.seq;
     s = blockIdx.x - b * a.seq;
@@ -41,35 +112,63 @@ __global__ void __launch_bounds__(kThreads) steer_kernel(SteerArgs a) {
   }
   T* h = static_cast<T*>(a.hidden) + b * a.stride_b + s * a.stride_s;
   const float* r = a.vector + b * a.vector_stride_b;
-  const int64_t d = a.dim;
+  const int64_t packs = a.dim / N;  // exact when kVec; N = 1 otherwise
 
   SteerCombine k{1.f, a.alpha};
   if (a.mode == SteerMode::kRotate) {
-    float hh = 0.f, hr = 0.f, rr = 0.f;
-    for (int64_t j = threadIdx.x; j < d; j += kThreads) {
-      const float v = Tag::load(h[j]), w = r[j];
-      hh += v * v;
-      hr += v * w;
-      rr += w * w;
+    Dots acc{0.f, 0.f, 0.f};
+    for (int64_t q = threadIdx.x; q < packs; q += kThreads) {
+      alignas(kPackBytes) T hv[N];
+      alignas(kPackBytes) float rv[N];
+      load_pack<N, kVec>(h + q * N, hv);
+      load_pack<N, kVec>(r + q * N, rv);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float v = Tag::load(hv[i]), w = rv[i];
+        acc.hh = fmaf(v, v, acc.hh);
+        acc.hr = fmaf(v, w, acc.hr);
+        acc.rr = fmaf(w, w, acc.rr);
+      }
     }
-    hh = block_sum(hh, s_hh);
-    hr = block_sum(hr, s_hr);
-    rr = block_sum(rr, s_rr);
-    const RotateCoefs c = steer_rotate_coefs(hh, rr, a.alpha);
-    float uu = steer_rotate_uu(hh, hr, rr, c);
+    const Dots t = block_sum3(acc, s_dots);
+    const RotateCoefs c = steer_rotate_coefs(t.hh, t.rr, a.alpha);
+    float uu = steer_rotate_uu(t.hh, t.hr, t.rr, c);
     if (uu < 0.f) {  // the two terms cancel: sum u² explicitly (uniform across the block)
       uu = 0.f;
-      for (int64_t j = threadIdx.x; j < d; j += kThreads) {
-        const float u = steer_rotate_dir(Tag::load(h[j]), r[j], c);
-        uu += u * u;
+      for (int64_t q = threadIdx.x; q < packs; q += kThreads) {
+        alignas(kPackBytes) T hv[N];
+        alignas(kPackBytes) float rv[N];
+        load_pack<N, kVec>(h + q * N, hv);
+        load_pack<N, kVec>(r + q * N, rv);
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          const float u = steer_rotate_dir(Tag::load(hv[i]), rv[i], c);
+          uu = fmaf(u, u, uu);
+        }
       }
       uu = block_sum(uu, s_uu);
     }
-    k = steer_rotate_combine(c, steer_rotate_scale(hh, uu));
+    k = steer_rotate_combine(c, steer_rotate_scale(t.hh, uu));
   }
-  for (int64_t j = threadIdx.x; j < d; j += kThreads) {
-    h[j] = Tag::store(steer_apply(Tag::load(h[j]), r[j], k));
+  for (int64_t q = threadIdx.x; q < packs; q += kThreads) {
+    alignas(kPackBytes) T hv[N];
+    alignas(kPackBytes) float rv[N];
+    load_pack<N, kVec>(h + q * N, hv);
+    load_pack<N, kVec>(r + q * N, rv);
+#pragma unroll
+    for (int i = 0; i < N; ++i) hv[i] = Tag::store(steer_apply(Tag::load(hv[i]), rv[i], k));
+    store_pack<N, kVec>(h + q * N, hv);
   }
+}
+
+bool aligned(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % kPackBytes == 0; }
+
+// Whether every row start of hidden and of the vector is 16-byte aligned and d is a whole
+// number of packs of `elems` hidden elements.
+bool vectorisable(const SteerArgs& a, int64_t elems) {
+  constexpr int64_t kFloatsPerPack = kPackBytes / static_cast<int64_t>(sizeof(float));
+  return a.dim % elems == 0 && a.stride_b % elems == 0 && a.stride_s % elems == 0 &&
+         aligned(a.hidden) && aligned(a.vector) && a.vector_stride_b % kFloatsPerPack == 0;
 }
 
 }  // namespace
@@ -82,9 +181,16 @@ void steer_cuda(const SteerArgs& a, int device, std::uintptr_t stream_handle) {
   cuda::DeviceGuard guard(device);
   cudaStream_t stream = cuda::as_stream(stream_handle);
   dispatch_float(a.dtype, "hidden", [&](auto tag) {
-    steer_kernel<decltype(tag)><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
+    using Tag = decltype(tag);
+    constexpr int64_t kElems = kPackBytes / static_cast<int64_t>(sizeof(typename Tag::storage));
+    const auto grid = static_cast<unsigned>(blocks);
+    if (vectorisable(a, kElems)) {
+      steer_kernel<Tag, true><<<grid, kThreads, 0, stream>>>(a);
+    } else {
+      steer_kernel<Tag, false><<<grid, kThreads, 0, stream>>>(a);
+    }
   });
-  UNLOCK_CUDA_CHECK(cudaGetLastError());
+  UNLOCK_CUDA_LAUNCHED("steer_kernel");
 }
 
 }  // namespace unlock

@@ -1,11 +1,23 @@
 """Validated entry points to the compiled kernels, one module per kernel family.
 
 CUDA ops run asynchronously on the current torch CUDA stream of the tensors' device.
+Importing this package registers the kernels as torch operators (``torch.ops.unlock_fast``,
+see :mod:`.library`).
 """
 
 from .core import backends
+from .library import moments_accumulate_op, steer_op
 from .moments import moments_accumulate_
 from .rsvd import eigh_topk, svd_topk
-from .steer import steer_
+from .steer import steer_, steer_unchecked_
 
-__all__ = ["backends", "eigh_topk", "moments_accumulate_", "steer_", "svd_topk"]
+__all__ = [
+    "backends",
+    "eigh_topk",
+    "moments_accumulate_",
+    "moments_accumulate_op",
+    "steer_",
+    "steer_op",
+    "steer_unchecked_",
+    "svd_topk",
+]

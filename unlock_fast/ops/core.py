@@ -1,9 +1,10 @@
 """The compiled core and the checks every op shares.
 
 Each op accepts torch tensors, NumPy arrays (CPU) or CuPy arrays (GPU, through DLPack), all
-zero-copy; checks dtype, device, shape, contiguity and index ranges; and dispatches to the
-CPU or CUDA backend of ``unlock_fast._core``. A CUDA tensor never goes through the CPU path:
-in a build without the CUDA backend it raises an error that names the missing backend.
+zero-copy; checks dtype, device, shape, contiguity, memory overlap of what it writes and
+index ranges; and dispatches to the CPU or CUDA backend of ``unlock_fast._core``. A CUDA
+tensor never goes through the CPU path: in a build without the CUDA backend it raises an
+error that names the missing backend.
 """
 
 from __future__ import annotations
@@ -145,11 +146,86 @@ def check_contiguous(t: torch.Tensor, name: str) -> None:
         )
 
 
+def overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two distinct indices of ``t`` may address the same element.
+
+    With the dims of size > 1 sorted by stride, each stride must pass the last element the
+    inner dims reach; an ``expand()``ed tensor (stride 0) fails. This is the usual sufficient
+    rule: a few exotic interleaved layouts fail it too and count as overlapping.
+    """
+    if t.is_contiguous():
+        return False
+    reach = 0
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True)):
+        if size <= 1:
+            continue
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
+def check_not_overlapping(t: torch.Tensor, name: str) -> None:
+    """ValueError when ``t`` is written in place but its elements alias one another."""
+    if overlaps_itself(t):
+        raise ValueError(
+            f"{name} is written in place, but its memory overlaps itself (shape "
+            f"{list(t.shape)}, strides {t.stride()}, e.g. an expand()ed tensor), so one element "
+            f"would be written more than once; pass {name}.contiguous() or a clone"
+        )
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """ValueError when ``t`` holds NaN or Inf (one reduction; on CUDA a host sync)."""
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(
+            f"{name} must be finite, but {bad} of its {t.numel()} entries are NaN or Inf"
+        )
+
+
 def check_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
     """ValueError unless every given tensor lives on ``device``."""
     for name, t in tensors.items():
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device}, but the other inputs are on {device}")
+
+
+# How to get the CUDA backend: nvcc, plus cuBLAS/cuSOLVER from a CUDA toolkit or from the
+# nvidia-cublas / nvidia-cusolver wheels that CUDA torch installs (seen only without build
+# isolation).
+REBUILD_CUDA = (
+    "rebuild it with `UNLOCK_CUDA=ON pip install --no-build-isolation --force-reinstall "
+    "--no-deps .` from the source tree (or `unlock-fast` in place of `.` with "
+    "`--no-binary unlock-fast`) on a machine with nvcc; cuBLAS and cuSOLVER come from a CUDA "
+    "toolkit or from the nvidia-cublas and nvidia-cusolver wheels that CUDA torch installs "
+    "(the build needs scikit-build-core, pybind11 and scipy-openblas32 installed)"
+)
+
+_cuda_warned = False
+
+
+def warn_if_cuda_backend_missing() -> bool:
+    """Warn (once per process) when torch is built with CUDA but ``_core`` has no CUDA
+    backend, naming how to rebuild. Returns whether it warned. Does nothing (and loads no
+    extension) for a CPU-only torch."""
+    global _cuda_warned
+    if _cuda_warned or not torch.version.cuda:
+        return False
+    try:
+        compiled = bool(core_module().cuda_compiled)
+    except ImportError:
+        return False  # reported with advice on first use
+    if compiled:
+        return False
+    _cuda_warned = True
+    warnings.warn(
+        f"unlock_fast: torch has CUDA {torch.version.cuda}, but the compiled core was built "
+        "without the CUDA backend, so its ops refuse CUDA tensors; " + REBUILD_CUDA,
+        UserWarning,
+        stacklevel=2,
+    )
+    return True
 
 
 def backend_of(device: torch.device) -> str:
@@ -160,8 +236,7 @@ def backend_of(device: torch.device) -> str:
         if not core_module().cuda_compiled:
             raise RuntimeError(
                 f"the inputs are on {device}, but unlock_fast was built without the CUDA "
-                "backend (unlock_fast.backends()['cuda'] is False); reinstall with "
-                "UNLOCK_CUDA=ON on a machine with nvcc"
+                "backend (unlock_fast.backends()['cuda'] is False); " + REBUILD_CUDA
             )
         return "cuda"
     raise ValueError(f"unsupported device {device}; expected cpu or cuda")
@@ -174,3 +249,7 @@ def cuda_stream(device: torch.device) -> int:
 
 def dtype_code(t: torch.Tensor) -> int:
     return DTYPE_CODES[t.dtype]
+
+
+# At import: a CUDA torch with a CPU-only core warns here, not at the first CUDA op.
+warn_if_cuda_backend_missing()

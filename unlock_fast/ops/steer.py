@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -12,15 +13,17 @@ from .core import (
     as_tensor,
     backend_of,
     check_dtype,
+    check_not_overlapping,
     check_shape,
     core_module,
     cuda_stream,
     dtype_names,
 )
 
-__all__ = ["steer_"]
+__all__ = ["STEER_MODES", "steer_", "steer_unchecked_"]
 
-_STEER_MODES = {"rotate": 0, "add": 1}
+# mode codes of csrc/include/unlock/steer.h (enum class SteerMode)
+STEER_MODES = {"rotate": 0, "add": 1}
 
 
 def steer_(
@@ -39,21 +42,29 @@ def steer_(
     [B, d] one per row (any float dtype; used in fp32). Exactly one of ``positions`` ([B]
     int64, -1 leaves the row alone) and ``mask`` ([B, S] bool). mode: "rotate" or "add".
 
-    Rows and positions that are not selected are untouched bit for bit. On the CPU a
-    position outside [-1, S) raises ValueError before anything changes; on CUDA the call is
-    asynchronous and such positions are skipped (a check would need a host sync).
+    Rows and positions that are not selected are untouched bit for bit. alpha must be
+    finite; d must be at least 1 (B = 0 or S = 0 is a no-op), and hidden's memory must not
+    overlap itself (an ``expand()``ed tensor would be steered several times in place).
+
+    A position outside [-1, S) is an error on both backends, never clamped or skipped: on
+    the CPU it raises ValueError before anything changes; on CUDA, where the call is
+    asynchronous and reading the positions would need a host sync, the kernel stops with a
+    device-side assertion that CUDA reports at the next synchronisation (as it does torch's
+    own out-of-range indices; the CUDA context is unusable after it).
     Writes outside autograd: call it with grad disabled, or on tensors that need no grad.
     """
     # The checks are written inline: this op runs once per layer per forward pass.
     h = hidden if type(hidden) is torch.Tensor else as_tensor(hidden, "hidden", writable=True)
     v = vector if type(vector) is torch.Tensor else as_tensor(vector, "vector")
-    code = _STEER_MODES.get(mode) if type(mode) is str else None
+    code = STEER_MODES.get(mode) if type(mode) is str else None
     if code is None:
         raise ValueError(f"mode must be 'rotate' or 'add', got {mode!r}")
     if type(alpha) is not float:
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
             raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
         alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
     if (positions is None) == (mask is None):
         raise ValueError("give exactly one of positions or mask")
     shape = h.shape
@@ -63,9 +74,12 @@ def steer_(
     dtype_code = ACTIVATION_CODES.get(h.dtype)
     if dtype_code is None:
         raise TypeError(f"hidden must have dtype {dtype_names(ACTIVATION_DTYPES)}, got {h.dtype}")
+    if d == 0:
+        raise ValueError(f"hidden must have at least one feature (d >= 1), got shape {list(shape)}")
     stride = h.stride()
     if stride[2] != 1 and d > 1:
         raise ValueError(f"hidden's last dimension must be contiguous (stride 1), got {stride}")
+    check_not_overlapping(h, "hidden")
     if h.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "hidden requires grad and steer_ writes in place outside autograd; call it under "
@@ -108,7 +122,7 @@ def steer_(
         if m.get_device() != where or (where < 0 and not m.is_cpu):
             raise ValueError(f"mask is on {m.device}, but hidden is on {h.device}")
         sel = (0, m.data_ptr(), m.stride(0), m.stride(1))
-    if b == 0 or s == 0 or d == 0:
+    if b == 0 or s == 0:
         backend_of(h.device)
         return hidden
 
@@ -121,4 +135,75 @@ def steer_(
         core_module().steer_cpu(*args)
     elif backend_of(h.device) == "cuda":
         core_module().steer_cuda(*args, where, cuda_stream(h.device))
+    return hidden
+
+
+def steer_unchecked_(
+    hidden: torch.Tensor,
+    vector: torch.Tensor,
+    alpha: float,
+    mode_code: int,
+    positions: torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`steer_` for callers that validated everything but ``hidden`` once beforehand.
+
+    The steering hooks check the key, alpha and mode when they are installed and each
+    forward call's positions or mask once, then call this per layer. The caller vouches
+    that ``vector`` is fp32 and contiguous, [d] or [B, d], that exactly one of ``positions``
+    (int64, contiguous, [B]) and ``mask`` (bool, [B, S]) is given, all on hidden's device,
+    that ``alpha`` is a finite float and ``mode_code`` a value of :data:`STEER_MODES`, and
+    that grad is off or hidden needs none. ``hidden`` is checked here for rank, dtype, d and
+    its last stride (same messages as :func:`steer_`); the compiled core checks the shapes
+    against the strides, memory overlap and, on the CPU, the range of every position.
+    """
+    shape = hidden.shape
+    if len(shape) != 3:
+        raise ValueError(f"hidden must have shape [B, S, d], got {list(shape)}")
+    dtype_code = ACTIVATION_CODES.get(hidden.dtype)
+    if dtype_code is None:
+        raise TypeError(
+            f"hidden must have dtype {dtype_names(ACTIVATION_DTYPES)}, got {hidden.dtype}"
+        )
+    b, s, d = shape
+    stride = hidden.stride()
+    if stride[2] != 1 and d > 1:
+        raise ValueError(f"hidden's last dimension must be contiguous (stride 1), got {stride}")
+    if d == 0:
+        raise ValueError(f"hidden must have at least one feature (d >= 1), got shape {list(shape)}")
+    if b == 0 or s == 0:
+        return hidden
+    # One positional call, no intermediate tuples: this runs once per layer per forward.
+    if positions is not None:
+        p_ptr, m_ptr, m_sb, m_ss = positions.data_ptr(), 0, 0, 0
+    elif mask is not None:
+        p_ptr, m_ptr, m_sb, m_ss = 0, mask.data_ptr(), mask.stride(0), mask.stride(1)
+    else:
+        raise ValueError("give exactly one of positions or mask")
+    v_ptr, v_stride = vector.data_ptr(), (0 if vector.dim() == 1 else d)
+    if hidden.is_cpu:
+        core_module().steer_cpu(
+            hidden.data_ptr(),
+            dtype_code,
+            b,
+            s,
+            d,
+            stride[0],
+            stride[1],
+            p_ptr,
+            m_ptr,
+            m_sb,
+            m_ss,
+            v_ptr,
+            v_stride,
+            alpha,
+            mode_code,
+        )
+    elif backend_of(hidden.device) == "cuda":  # raises for a device that is neither
+        core_module().steer_cuda(
+            *(hidden.data_ptr(), dtype_code, b, s, d, stride[0], stride[1]),
+            *(p_ptr, m_ptr, m_sb, m_ss, v_ptr, v_stride, alpha, mode_code),
+            hidden.get_device(),
+            cuda_stream(hidden.device),
+        )
     return hidden

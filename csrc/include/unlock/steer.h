@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "unlock/common.h"
 
@@ -73,18 +74,56 @@ UNLOCK_HD SteerCombine steer_rotate_combine(RotateCoefs c, float scale) {
 
 UNLOCK_HD float steer_apply(float h, float r, SteerCombine k) { return h * k.ch + k.cr * r; }
 
+// Checks that need no data: shapes, strides, pointers, and that the rows written neither alias
+// one another nor overlap the vector, positions or mask.
 inline void steer_check_args(const SteerArgs& a) {
   UNLOCK_CHECK_ARG(a.hidden && a.vector, "steer: hidden and vector are required");
-  UNLOCK_CHECK_ARG(a.batch >= 0 && a.seq >= 0 && a.dim > 0, "steer: bad shape");
+  UNLOCK_CHECK_ARG(a.batch >= 0 && a.seq >= 0 && a.dim > 0,
+                   "steer: bad shape: hidden must be [B, S, d] with B, S >= 0 and d >= 1, got [" +
+                       std::to_string(a.batch) + ", " + std::to_string(a.seq) + ", " +
+                       std::to_string(a.dim) + "]");
   UNLOCK_CHECK_ARG((a.positions == nullptr) != (a.mask == nullptr),
                    "steer: give exactly one of positions or mask");
+  auto shape = [&a] {  // built only for a message
+    return "hidden [" + std::to_string(a.batch) + ", " + std::to_string(a.seq) + ", " +
+           std::to_string(a.dim) + "] with strides [" + std::to_string(a.stride_b) + ", " +
+           std::to_string(a.stride_s) + ", 1]";
+  };
+  const int64_t hidden_span = span_elements("steer: hidden", {{a.batch, a.stride_b},
+                                                              {a.seq, a.stride_s},
+                                                              {a.dim, 1}});
+  UNLOCK_CHECK_ARG(dims_do_not_overlap({{a.batch, a.stride_b}, {a.seq, a.stride_s}, {a.dim, 1}}),
+                   "steer: the rows of " + shape() +
+                       " overlap in memory, so one element would be steered more than once");
+  UNLOCK_CHECK_ARG(a.vector_stride_b == 0 || a.vector_stride_b >= a.dim,
+                   "steer: vector_stride_b must be 0 (one shared vector) or >= d = " +
+                       std::to_string(a.dim) + ", got " + std::to_string(a.vector_stride_b));
+  const int64_t vector_span = span_elements(
+      "steer: vector", {{a.vector_stride_b ? a.batch : 1, a.vector_stride_b}, {a.dim, 1}});
+  const int64_t select_span =
+      a.mask ? span_elements("steer: mask", {{a.batch, a.mask_stride_b}, {a.seq, a.mask_stride_s}})
+             : a.batch;
+  const std::size_t hsize = dtype_size(a.dtype);
+  UNLOCK_CHECK_ARG(hsize == 2 || hsize == 4,
+                   std::string("steer: hidden must be float32, float16 or bfloat16, got ") +
+                       dtype_name(a.dtype));
+  check_no_overlap("steer", {byte_range("hidden", a.hidden, hidden_span, hsize)},
+                   {byte_range("vector", a.vector, vector_span, sizeof(float)),
+                    a.mask ? byte_range("mask", a.mask, select_span, sizeof(bool))
+                           : byte_range("positions", a.positions, select_span, sizeof(int64_t))});
 }
+
+// A position outside [-1, S) is an error on both backends; nothing is clamped or skipped.
 
 // Raises std::invalid_argument, before touching any row, when a position is outside [-1, S).
 void steer_cpu(const SteerArgs& a);
 
-// Asynchronous on `stream`, no host synchronisation. Positions outside [0, S) are skipped
-// (checking them would need a device-to-host copy).
+// Asynchronous on `stream`, no host synchronisation. One block per candidate row, 16-byte
+// loads where the rows and the vector are 16-byte aligned and d is a whole number of packs,
+// and one fused block reduction for |h|², h·r and |r|². A position outside [-1, S) stops the
+// kernel with a device-side assertion before its row is touched (reading the positions on
+// the host would need a device-to-host copy); CUDA reports it at the next synchronisation,
+// as it does torch's own out-of-range indices, and the CUDA context is unusable after it.
 void steer_cuda(const SteerArgs& a, int device, std::uintptr_t stream);
 
 }  // namespace unlock

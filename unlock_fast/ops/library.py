@@ -1,0 +1,104 @@
+"""The kernels as torch operators (``torch.library``), visible to ``torch.compile``.
+
+``torch.ops.unlock_fast.steer_`` and ``torch.ops.unlock_fast.moments_accumulate_`` run the same
+checked entry points as :func:`~unlock_fast.ops.steer_` and
+:func:`~unlock_fast.ops.moments_accumulate_`, declare the tensors they write in place, and
+have fake (meta) implementations, so a graph tracer records them as single nodes instead of
+breaking the graph at a pointer hand-off to the compiled core. The core itself stays free of
+libtorch: the registration lives here, in Python. Neither op has an autograd formula: call
+them on tensors that need no grad (the steering hooks take the differentiable reference
+path when grad is on).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .moments import moments_accumulate_
+from .steer import steer_
+
+__all__ = ["moments_accumulate_op", "steer_op"]
+
+
+@torch.library.custom_op("unlock_fast::steer_", mutates_args=("hidden",))
+def steer_op(
+    hidden: torch.Tensor,
+    vector: torch.Tensor,
+    alpha: float,
+    positions: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    steer_mode: str,
+) -> None:
+    """:func:`~unlock_fast.ops.steer_` as an operator; writes ``hidden`` and returns nothing.
+
+    ``steer_mode`` is ``steer_``'s ``mode`` ("rotate" or "add"; the name ``mode`` is taken by
+    torch's functionalization).
+    """
+    steer_(hidden, vector, alpha, positions=positions, mask=mask, mode=steer_mode)
+
+
+@steer_op.register_fake
+def _steer_fake(
+    hidden: torch.Tensor,
+    vector: torch.Tensor,
+    alpha: float,
+    positions: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    steer_mode: str,
+) -> None:
+    # Only metadata exists here: the shape checks that need no data, as the real op does.
+    del vector, alpha, positions, mask, steer_mode
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape [B, S, d], got {list(hidden.shape)}")
+
+
+@torch.library.custom_op(
+    "unlock_fast::moments_accumulate_",
+    mutates_args=("sum_x", "sum_y", "gram_xx", "gram_yy", "gram_xy"),
+)
+def moments_accumulate_op(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    shift_x: torch.Tensor,
+    shift_y: torch.Tensor | None,
+    sum_x: torch.Tensor,
+    sum_y: torch.Tensor | None,
+    gram_xx: torch.Tensor,
+    gram_yy: torch.Tensor | None,
+    gram_xy: torch.Tensor | None,
+    upper_only: bool = False,
+) -> None:
+    """:func:`~unlock_fast.ops.moments_accumulate_` as an operator (state updated in place)."""
+    moments_accumulate_(
+        x,
+        y,
+        weight,
+        shift_x,
+        shift_y,
+        sum_x,
+        sum_y,
+        gram_xx,
+        gram_yy,
+        gram_xy,
+        upper_only=upper_only,
+    )
+
+
+@moments_accumulate_op.register_fake
+def _moments_fake(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    shift_x: torch.Tensor,
+    shift_y: torch.Tensor | None,
+    sum_x: torch.Tensor,
+    sum_y: torch.Tensor | None,
+    gram_xx: torch.Tensor,
+    gram_yy: torch.Tensor | None,
+    gram_xy: torch.Tensor | None,
+    upper_only: bool = False,
+) -> None:
+    del y, weight, shift_x, shift_y, sum_x, sum_y, gram_xx, gram_yy, gram_xy, upper_only
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape [n, dx], got {list(x.shape)}")
