@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -24,6 +24,7 @@ from ..loading import ModelNotFoundError, load_model
 
 __all__ = [
     "Command",
+    "OneLineParser",
     "USER_ERRORS",
     "UsageError",
     "chat_for",
@@ -43,6 +44,15 @@ Command = Callable[[argparse.Namespace], int]
 
 class UsageError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr and exit status 2, like every
+    other user mistake (argparse prints the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
 
 
 # Errors that come from the user's input: one line and exit status 2 (unless --debug).
@@ -148,6 +158,10 @@ def fit_transfer(args: argparse.Namespace, *, with_direction: bool) -> TransferR
         batch_size=args.batch_size,
         progress=not args.no_progress,
         with_direction=with_direction,
+        accumulate=args.accumulate,
+        solver=args.solver,
+        oversample=args.oversample,
+        n_iter=args.power_iters,
     )
 
 

