@@ -9,12 +9,18 @@ d=640). Different families, tokenizers, depths and widths. Steps:
 4. held-out alignment diagnostics, and the Target's own CoT direction on held-out items,
    compared per layer with the transferred key against random directions sent through the
    same alignment;
-5. the four conditions on the test split; optional alpha sweep on the held-out split;
-6. report.md / report.json / items.jsonl / plots / artifacts in the report folder.
+5. null tests: the key's cosine against random and null-contrast bands (every run), and
+   its test-split measures against many random and null-contrast keys (``random_keys``,
+   ``null_contrasts``); optional layer correspondence and layer subset;
+6. optional alpha sweep on the held-out split (``select_alpha`` takes the best alpha from
+   it, ``select_rank`` the rank with the best held-out R²), then the four conditions on
+   the test split;
+7. report.md / report.json / items.jsonl / plots / artifacts in the report folder.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -24,8 +30,18 @@ from typing import Any
 
 import torch
 
+from .evaluation.alphas import ALPHA_RULE, Curves, alpha_curves, alpha_sweep, choose_alpha
+from .evaluation.evidence import (
+    Evidence,
+    behavioural_evidence,
+    choose_rank,
+    correspondence_evidence,
+    null_contrast_keys_for,
+    subset_evidence,
+)
 from .evaluation.experiment import key_cosines, rank_sweep, run_transfer, target_direction
-from .evaluation.metrics import accuracy
+from .evaluation.null_keys import representational_null
+from .evaluation.null_report import evidence_markdown, plot_layer_correspondence, plot_null_spread
 from .evaluation.problems import problem_splits
 from .evaluation.report import (
     alignment_table,
@@ -35,7 +51,7 @@ from .evaluation.report import (
     plot_r2_vs_rank,
     write_json,
 )
-from .evaluation.runner import evaluate_conditions, random_key_like
+from .evaluation.runner import evaluate_conditions
 from .loading import load_model
 
 __all__ = ["DEFAULTS", "QUICK", "DemoConfig", "DemoResult", "run_demo"]
@@ -60,6 +76,13 @@ class DemoConfig:
     batch_size: int = 16
     num_random: int = 200
     seed: int = 0
+    random_keys: int = 1  # behavioural null: random keys (the random condition is the first)
+    null_contrasts: int = 0  # behavioural null: null-contrast keys
+    null_directions: int = 200  # representational null: null-contrast directions
+    correspondence: str | None = None  # "r2" or "cka": choose Source layers on held-out
+    layer_subset: bool = False  # also steer only the layers with good held-out R²
+    select_rank: bool = False  # rank with the best mean held-out R² of sweep_ranks
+    select_alpha: bool = False  # alpha of alphas with the best held-out unlock - random steps
 
 
 DEFAULTS = DemoConfig()
@@ -81,6 +104,7 @@ class DemoResult:
     alpha_curves: dict[str, dict[str, list[tuple[float, float, float, float]]]]
     timings: dict[str, float]
     files: dict[str, Path]
+    evidence: Any = None
 
 
 class _Clock:
@@ -123,6 +147,12 @@ def run_demo(
             f"the demo needs n_train >= 2, n_heldout >= 2 and n_test >= 1, got "
             f"{cfg.n_train}, {cfg.n_heldout}, {cfg.n_test}"
         )
+    if cfg.select_alpha and not cfg.alphas:
+        raise ValueError("select_alpha needs alphas to choose from")
+    if cfg.correspondence not in (None, "r2", "cka"):
+        raise ValueError(f"correspondence must be None, 'r2' or 'cka', got {cfg.correspondence!r}")
+    if min(cfg.random_keys, cfg.null_contrasts, cfg.null_directions) < 0:
+        raise ValueError("random_keys, null_contrasts and null_directions must be >= 0")
     out_dir = Path(out)
     clock = _Clock()
     _say(progress, f"[demo] loading Source {cfg.source} and Target {cfg.target}")
@@ -155,6 +185,12 @@ def run_demo(
     if run.key is None or run.direction is None or run.heldout_stats is None:
         raise RuntimeError("run_transfer returned no key, direction or held-out statistics")
     sweep = rank_sweep(run.stats, run.heldout_stats, cfg.sweep_ranks)
+    selection: dict[str, Any] = {"rank": cfg.rank, "alpha": cfg.alpha}
+    if cfg.select_rank:
+        selection.update(rank=choose_rank(sweep), rank_rule="best mean held-out R²")
+        run.alignment = run.stats.fit(rank=selection["rank"])
+        run.key = run.alignment.transfer(run.direction)
+        run.diagnostics = run.alignment.diagnose(run.heldout_stats)
     _say(progress, "[demo] the Target's own CoT direction on held-out problems")
     own = target_direction(
         tmodel,
@@ -167,7 +203,44 @@ def run_demo(
     cosines = key_cosines(
         run.key, own, alignment=run.alignment, num_random=cfg.num_random, seed=cfg.seed
     )
+    contrast = null_contrast_keys_for(
+        smodel, stok, splits["train"], run.alignment, run.key,
+        num=max(cfg.null_contrasts, cfg.null_directions), seed=cfg.seed,
+        chat=cfg.source_chat, batch_size=cfg.batch_size, progress=progress,
+    )  # fmt: skip
+    evidence = Evidence(
+        representational_null(
+            run.key,
+            own,
+            alignment=run.alignment,
+            num_random=cfg.num_random,
+            contrast_keys=contrast,
+            seed=cfg.seed,
+        ),  # fmt: skip
+        selection=selection,
+    )
     clock.lap("representational evidence")
+    if cfg.correspondence:
+        _say(progress, f"[demo] layer correspondence by held-out {cfg.correspondence}")
+        evidence.correspondence = correspondence_evidence(
+            (smodel, stok), (tmodel, ttok), splits, run.direction, own,
+            criterion=cfg.correspondence, rank=selection["rank"],
+            chats=(cfg.source_chat, cfg.target_chat), num_random=cfg.num_random,
+            seed=cfg.seed, batch_size=cfg.batch_size, progress=progress,
+        )  # fmt: skip
+        clock.lap("layer correspondence")
+    curves: Curves | None = None
+    if cfg.alphas:
+        _say(progress, f"[demo] alpha sweep {list(cfg.alphas)} on the held-out split")
+        curves = alpha_sweep(
+            tmodel, ttok, splits["heldout"], run.key, cfg.alphas, seed=cfg.seed,
+            chat=cfg.target_chat, max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size, progress=progress,
+        )  # fmt: skip
+        if cfg.select_alpha:
+            selection.update(alpha=choose_alpha(curves["steps"]), alpha_rule=ALPHA_RULE)
+        clock.lap("alpha sweep")
+    alpha = selection["alpha"]
 
     _say(progress, f"[demo] evaluating 4 conditions on {cfg.n_test} test problems")
     evaluation = evaluate_conditions(
@@ -175,22 +248,31 @@ def run_demo(
         ttok,
         splits["test"],
         key=run.key,
-        alpha=cfg.alpha,
+        alpha=alpha,
         chat=cfg.target_chat,
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         progress=progress,
     )
-    evaluation.settings.update(rank=cfg.rank, n_train=cfg.n_train, split="test")
+    evaluation.settings.update(rank=selection["rank"], n_train=cfg.n_train, split="test")
     clock.lap("evaluation")
-
-    curves = _alpha_curves(evaluation, cfg.alpha)
-    if cfg.alphas:
-        _say(progress, f"[demo] alpha sweep {list(cfg.alphas)} on the held-out split")
-        sweep_curves = _alpha_sweep(tmodel, ttok, splits["heldout"], run.key, cfg, progress)
-        curves = sweep_curves
-        clock.lap("alpha sweep")
+    gen: dict[str, Any] = dict(
+        alpha=alpha, chat=cfg.target_chat, max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size, progress=progress,
+    )  # fmt: skip
+    evidence.behaviour, evidence.null_conditions = behavioural_evidence(
+        tmodel, ttok, splits["test"], evaluation, run.key, num_random=cfg.random_keys,
+        contrast_keys=contrast[: cfg.null_contrasts], seed=cfg.seed, **gen,
+    )  # fmt: skip
+    clock.lap("behavioural null")
+    if cfg.layer_subset and run.diagnostics is not None:
+        evidence.subset = subset_evidence(
+            tmodel, ttok, splits["test"], evaluation, run.key, run.diagnostics, **gen
+        )
+        clock.lap("layer subset")
+    if curves is None:
+        curves = alpha_curves(evaluation, alpha)
 
     result = DemoResult(
         config=cfg,
@@ -201,6 +283,7 @@ def run_demo(
         alpha_curves=curves,
         timings={},
         files={},
+        evidence=evidence,
     )
     result.files = _write(result, run, out_dir)
     clock.lap("report")
@@ -209,58 +292,6 @@ def run_demo(
     if echo:
         print((out_dir / "report.md").read_text())
     return result
-
-
-Point = tuple[float, float, float, float]  # (alpha, rate, ci_low, ci_high)
-Curves = dict[str, dict[str, list[Point]]]  # "accuracy" / "steps" -> condition -> points
-
-
-def _points(cond: Any, alpha: float) -> tuple[Point, Point]:
-    acc = cond.accuracy
-    steps = accuracy([it.shows_steps for it in cond.items])
-    return (alpha, acc.value, acc.low, acc.high), (alpha, steps.value, steps.low, steps.high)
-
-
-def _alpha_curves(evaluation: Any, alpha: float) -> Curves:
-    curves: Curves = {"accuracy": {}, "steps": {}}
-    for name, cond in evaluation.conditions.items():
-        acc, steps = _points(cond, alpha if name in ("unlock", "random") else 0.0)
-        curves["accuracy"][name] = [acc]
-        curves["steps"][name] = [steps]
-    return curves
-
-
-def _alpha_sweep(
-    model: Any, tok: Any, items: Any, key: Any, cfg: DemoConfig, progress: bool
-) -> Curves:
-    """Baseline and CoT once, UNLOCK and the random control at every alpha."""
-    common: dict[str, Any] = {
-        "chat": cfg.target_chat,
-        "max_new_tokens": cfg.max_new_tokens,
-        "batch_size": cfg.batch_size,
-        "progress": progress,
-    }
-    rkey = random_key_like(key, seed=cfg.seed)
-    runs = [(0.0, evaluate_conditions(model, tok, items, conditions=("baseline", "cot"), **common))]
-    for alpha in cfg.alphas:
-        res = evaluate_conditions(
-            model,
-            tok,
-            items,
-            key=key,
-            random_key=rkey,
-            alpha=alpha,
-            conditions=("unlock", "random"),
-            **common,
-        )
-        runs.append((float(alpha), res))
-    curves: Curves = {"accuracy": {}, "steps": {}}
-    for alpha, res in runs:
-        for name, cond in res.conditions.items():
-            acc, steps = _points(cond, alpha)
-            curves["accuracy"].setdefault(name, []).append(acc)
-            curves["steps"].setdefault(name, []).append(steps)
-    return curves
 
 
 def _write(result: DemoResult, run: Any, out: Path) -> dict[str, Path]:
@@ -284,7 +315,26 @@ def _write(result: DemoResult, run: Any, out: Path) -> dict[str, Path]:
         title=title,
     )
     files["plot_rank"] = plot_r2_vs_rank(result.rank_sweep, out / "alignment_r2_vs_rank.png")
-    files["plot_cosine"] = plot_key_cosine(result.cosines, out / "key_cosine.png")
+    ev = result.evidence
+    files["plot_cosine"] = plot_key_cosine(
+        result.cosines,
+        out / "key_cosine.png",
+        contrast=ev.representation.tests.get("null_contrast"),
+    )
+    if ev.null_conditions:
+        with (out / "null_items.jsonl").open("w", encoding="utf-8") as f:
+            for conds in ev.null_conditions.values():
+                for c in conds:  # the random condition itself is in items.jsonl
+                    if c is not result.evaluation.conditions.get(c.name):
+                        f.writelines(json.dumps(it.to_dict()) + "\n" for it in c.items)
+        files["null_items"] = out / "null_items.jsonl"
+    if ev.behaviour is not None:
+        refs = result.evaluation.conditions
+        files["plot_null"] = plot_null_spread(ev.behaviour, refs, out / "null_spread.png")
+    if ev.correspondence is not None:
+        files["plot_layers"] = plot_layer_correspondence(
+            ev.correspondence.correspondence, out / "layer_correspondence.png"
+        )
     return files
 
 
@@ -296,12 +346,14 @@ def _payload(result: DemoResult) -> dict[str, Any]:
         "rank_sweep": {str(r): rep.to_dict() for r, rep in result.rank_sweep.items()},
         "evaluation": result.evaluation.to_dict(),
         "alpha_curves": result.alpha_curves,
+        "evidence": result.evidence.to_dict(),
         "timings_s": result.timings,
     }
 
 
 def _write_markdown(result: DemoResult, out: Path) -> Path:
     cfg = result.config
+    sel = result.evidence.selection
     cos = result.cosines
     above = cos.layers_above_band
     r2 = result.diagnostics.r2
@@ -309,17 +361,28 @@ def _write_markdown(result: DemoResult, out: Path) -> Path:
         "# unlock-fast demo report",
         "",
         f"Source **{cfg.source}** (CoT direction: direct vs CoT prompt, N={cfg.n_train}) → "
-        f"Target **{cfg.target}**; alignment rank {cfg.rank}, layers paired by proportional "
-        f"depth; steering: rotate, alpha={cfg.alpha}, last prompt token, every Target layer.",
+        f"Target **{cfg.target}**; alignment rank {sel['rank']}, layers paired by proportional "
+        f"depth; steering: rotate, alpha={sel['alpha']}, last prompt token, every Target layer."
+        + "".join(f" {k[:-5].capitalize()} chosen by {v}." for k, v in sel.items() if "_rule" in k),
         "",
         "## Alignment and the transferred key, per Target layer",
         "",
         f"Held-out: {cfg.n_heldout} problems. Relative error ‖H_t − H_s T‖/‖H_t‖ and centred "
         "R² of the map; cosine between the transferred key and the Target's own CoT direction "
         f"(extracted on the held-out problems) against {cos.num_random} random Source "
-        "directions sent through the same map (↑: above their 97.5% quantile).",
+        "directions sent through the same map (↑: above their 97.5% quantile)"
+        + (
+            f" and against {result.evidence.representation.tests['null_contrast'].num_null} "
+            "null-contrast keys (Source contrast swapped at random per item, same map)."
+            if "null_contrast" in result.evidence.representation.tests
+            else "."
+        ),
         "",
-        alignment_table(result.diagnostics, cos),
+        alignment_table(
+            result.diagnostics,
+            cos,
+            contrast=result.evidence.representation.tests.get("null_contrast"),
+        ),
         "",
         f"Mean centred R² {sum(r2) / len(r2):.3f}; the key beats the random band at "
         f"{len(above)}/{len(cos.layers)} layers"
@@ -329,8 +392,14 @@ def _write_markdown(result: DemoResult, out: Path) -> Path:
         "",
         condition_table(result.evaluation),
         "",
-        "Plots: accuracy_vs_alpha.png, alignment_r2_vs_rank.png, key_cosine.png. Per-item "
-        "outputs: items.jsonl. Artifacts: artifacts/{direction,alignment,key}.",
+        *evidence_markdown(result.evidence),
+        "",
+        "Plots: accuracy_vs_alpha.png, alignment_r2_vs_rank.png, key_cosine.png"
+        + (", null_spread.png" if result.evidence.behaviour is not None else "")
+        + (", layer_correspondence.png" if result.evidence.correspondence is not None else "")
+        + ". Per-item outputs: items.jsonl"
+        + (", null_items.jsonl" if result.evidence.null_conditions else "")
+        + ". Artifacts: artifacts/{direction,alignment,key}.",
     ]
     if result.timings:
         t = result.timings

@@ -8,12 +8,16 @@ from dataclasses import replace
 from typing import Any
 
 from ..demo import DEFAULTS, QUICK, run_demo
-from .options import add_command, add_runtime, float_list, positive_int
+from .options import add_command, add_runtime, float_list, nonnegative_int, positive_int
 
 __all__ = ["add_parser", "run"]
 
 # Options that override a field of the demo configuration when given.
-_OVERRIDES = ("n_train", "n_heldout", "n_test", "rank", "alpha", "max_new_tokens", "batch_size")
+_OVERRIDES = (
+    "n_train", "n_heldout", "n_test", "rank", "alpha", "max_new_tokens", "batch_size",
+    "num_random", "random_keys", "null_contrasts", "null_directions", "correspondence",
+)  # fmt: skip
+_FLAGS = ("layer_subset", "select_rank", "select_alpha")
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,6 +54,42 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="also sweep these alphas (UNLOCK and random, on the held-out split) "
         "for the accuracy-vs-alpha plot, e.g. 0.05,0.1,0.2,0.5",
     )
+    nulls: list[tuple[str, Callable[[str], int], int, str]] = [
+        ("--num-random", positive_int, d.num_random,
+         "random Source directions through the alignment for the cosine band"),
+        ("--random-keys", nonnegative_int, d.random_keys,
+         "random keys for the behavioural null (the random condition's key is the first)"),
+        ("--null-contrasts", nonnegative_int, d.null_contrasts,
+         "null-contrast keys (Source contrast swapped at random per item) evaluated on the "
+         "test split"),
+        ("--null-directions", nonnegative_int, d.null_directions,
+         "null-contrast directions for the cosine band (no generation)"),
+    ]  # fmt: skip
+    for flag, ntype, value, text in nulls:
+        p.add_argument(flag, type=ntype, default=None, help=f"{text} (default: {value})")
+    p.add_argument(
+        "--correspondence",
+        choices=("r2", "cka"),
+        default=None,
+        help="also pair each Target layer with the Source layer that predicts it best on the "
+        "held-out split (held-out R² or linear CKA) and compare with proportional depth",
+    )
+    p.add_argument(
+        "--layer-subset",
+        action="store_true",
+        help="also steer only the layers whose held-out R² is high (test split)",
+    )
+    p.add_argument(
+        "--select-rank",
+        action="store_true",
+        help="use the rank of the sweep with the best mean held-out R²",
+    )
+    p.add_argument(
+        "--select-alpha",
+        action="store_true",
+        help="use the alpha of --alphas where UNLOCK beats the random key most on the "
+        "held-out split (shows-steps rate)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -67,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.alphas:
         chosen["alphas"] = tuple(args.alphas)
+    chosen.update({k: True for k in _FLAGS if getattr(args, k)})
     cfg = replace(
         QUICK if args.quick else DEFAULTS,
         source=args.source,

@@ -4,10 +4,14 @@ over rank x alpha x N."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
+from .._optional import MissingDependency
+from ..evaluation.evidence import behavioural_evidence
 from ..evaluation.grid import grid_search
+from ..evaluation.null_report import behavioural_null_table, plot_null_spread
 from ..evaluation.report import condition_table, write_json
 from ..evaluation.runner import CONDITIONS, EvaluationResult, evaluate_conditions
 from .common import UsageError, chat_for, load, load_key, problems
@@ -22,6 +26,7 @@ from .options import (
     chat_mode,
     float_list,
     int_list,
+    nonnegative_int,
     positive_int,
 )
 
@@ -65,6 +70,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="baseline,cot,unlock,random",
         help="conditions to run, comma-separated",
     )
+    p.add_argument(
+        "--random-keys",
+        type=nonnegative_int,
+        default=1,
+        metavar="N",
+        help="with --key: compare UNLOCK with N random keys of the key's per-layer norms "
+        "(seeds --seed, --seed+1, ...; the random condition's key is the first) and report a "
+        "permutation p-value per measure (default: 1, the random condition alone, no test)",
+    )
+    p.add_argument(
+        "--null-keys",
+        default=None,
+        metavar="FOLDERS",
+        help="with --key: comma-separated key folders of null-contrast keys (directions from "
+        "a shuffled contrast sent through the same alignment) to add to the null",
+    )
     add_steering(p)
     add_max_new_tokens(p)
     add_output(p, "report folder", default="unlock-fast-eval")
@@ -92,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     tchat = chat_for(ttok, args.target_chat)
     result: EvaluationResult
     payload: dict[str, Any]
+    extra = ""
     if args.key is not None:
         key = load_key(args.key, tmodel)
         test = problems(args, {"test": args.n})["test"]
@@ -111,6 +133,20 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         payload = result.to_dict()
+        null_keys = [load_key(k, tmodel) for k in (args.null_keys or "").split(",") if k]
+        if args.random_keys > 1 or null_keys:
+            null, families = behavioural_evidence(
+                tmodel, ttok, test, result, key, num_random=args.random_keys,
+                contrast_keys=null_keys, seed=args.seed, alpha=args.alpha, chat=tchat,
+                mode=args.mode, positions=args.positions, max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size, progress=not args.no_progress,
+            )  # fmt: skip
+            if null is not None:
+                payload["behavioural_null"] = null.to_dict()
+                payload["null_conditions"] = {
+                    k: [c.summary() for c in v] for k, v in families.items()
+                }
+                extra = _write_null(out, result, null, families)
     else:
         smodel, stok = load(args, "source")
         ns = args.ns or [args.n_train]
@@ -143,8 +179,25 @@ def run(args: argparse.Namespace) -> int:
         )
     result.write_items(out / "items.jsonl")
     write_json(payload, out / "report.json")
-    table = condition_table(result)
+    table = condition_table(result) + extra
     (out / "report.md").write_text(table + "\n")
     print(table)
     print(f"wrote {out}/report.json, report.md, items.jsonl")
     return 0
+
+
+def _write_null(out: Path, result: EvaluationResult, null: Any, families: dict[str, Any]) -> str:
+    """null_items.jsonl and null_spread.png (when matplotlib is there); the report's text."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "null_items.jsonl").open("w", encoding="utf-8") as f:
+        for conds in families.values():
+            for c in conds:  # the random condition itself is in items.jsonl
+                if c is not result.conditions.get(c.name):
+                    f.writelines(json.dumps(it.to_dict()) + "\n" for it in c.items)
+    text = "\n\nUNLOCK against null keys (one-sided permutation p per measure):\n\n"
+    text += behavioural_null_table(null)
+    try:
+        plot_null_spread(null, result.conditions, out / "null_spread.png")
+    except MissingDependency as e:
+        text += f"\n\n(no null_spread.png: {e})"
+    return text

@@ -4,7 +4,7 @@ Plots:
 - ``accuracy_vs_alpha.png``: accuracy per condition against the steering strength alpha;
 - ``alignment_r2_vs_rank.png``: held-out centred R² per Target layer against the rank;
 - ``key_cosine.png``: cosine of the transferred key with the Target's own CoT direction
-  per layer, with the band of random controls.
+  per layer, with the band of random controls (and of null-contrast keys).
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from .._optional import require
+from .null import LayerTest
 from .runner import EvaluationResult
 
 __all__ = [
     "alignment_table",
     "condition_table",
+    "new_figure",
     "plot_accuracy_vs_alpha",
     "plot_key_cosine",
     "plot_r2_vs_rank",
+    "save_figure",
     "write_json",
 ]
 
@@ -53,14 +56,28 @@ def condition_table(result: EvaluationResult) -> str:
     return "\n".join(lines)
 
 
-def alignment_table(diagnostics: Any, cosines: Any = None) -> str:
+def alignment_table(
+    diagnostics: Any, cosines: Any = None, *, contrast: LayerTest | None = None
+) -> str:
     """Markdown table per Target layer: held-out relative error, centred R², and (when
-    given) the cosine of the key with the Target's own direction against the random band."""
+    given) the cosine of the key with the Target's own direction against the random band
+    (and against the band of null-contrast keys, ``contrast``)."""
     head = "| target layer | source layer | rel. error | centred R² |"
     rule = "|---|---|---|---|"
     if cosines is not None:
         head += " cos(key, own CoT) | random 95% band | p (random ≥ key) |"
         rule += "---|---|---|"
+    nulls = {}
+    if contrast is not None:
+        head += " null-contrast 95% band | p (null contrast ≥ key) |"
+        rule += "---|---|"
+        nulls = dict(
+            zip(
+                contrast.layers,
+                zip(contrast.null_low, contrast.null_high, contrast.p_values, strict=True),
+                strict=True,
+            )
+        )
     lines = [head, rule]
     cos_at = {}
     if cosines is not None:
@@ -87,6 +104,9 @@ def alignment_table(diagnostics: Any, cosines: Any = None) -> str:
                 row += f" {c:+.3f}{mark} | [{lo:+.3f}, {hi:+.3f}] | {p} |"
             else:
                 row += " – | – | – |"
+        if contrast is not None:
+            lo, hi, pv = nulls.get(t, (math.nan, math.nan, math.nan))
+            row += f" [{lo:+.3f}, {hi:+.3f}] | {pv:.3f} |"
         lines.append(row)
     return "\n".join(lines)
 
@@ -108,7 +128,7 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cannot write {type(o).__name__} as JSON")
 
 
-def _new_figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
     """A matplotlib Figure on the Agg canvas (no display needed)."""
     require("matplotlib", "plots", "Drawing plots")
     agg = require("matplotlib.backends.backend_agg", "plots", "Drawing plots")
@@ -119,11 +139,12 @@ def _new_figure(width: float, height: float) -> Any:
 
 
 def _figure(width: float = 7.0, height: float = 4.2) -> tuple[Any, Any]:
-    fig = _new_figure(width, height)
+    fig = new_figure(width, height)
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Lay out ``fig`` and write it to ``path`` (folders made as needed)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -176,7 +197,7 @@ def plot_accuracy_vs_alpha(
     point at alpha 0 (unsteered) is drawn as a horizontal line with its band. With
     ``step_curves`` (same form, share of outputs showing steps) a second panel is added."""
     panels = 2 if step_curves else 1
-    fig = _new_figure(6.0 * panels, 4.2)
+    fig = new_figure(6.0 * panels, 4.2)
     ax = fig.add_subplot(1, panels, 1)
     _draw_rates(ax, curves, "accuracy (%) with 95% CI")
     ax.set_title(title)
@@ -185,7 +206,7 @@ def plot_accuracy_vs_alpha(
         ax2 = fig.add_subplot(1, panels, 2)
         _draw_rates(ax2, step_curves, "outputs showing steps (%) with 95% CI")
         ax2.set_title("Intermediate steps vs alpha")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_r2_vs_rank(
@@ -217,14 +238,27 @@ def plot_r2_vs_rank(
     ax.axhline(0, color="black", linewidth=0.8)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_key_cosine(cosines: Any, path: str | os.PathLike[str]) -> Path:
+def plot_key_cosine(
+    cosines: Any, path: str | os.PathLike[str], *, contrast: LayerTest | None = None
+) -> Path:
     """Cosine of the transferred key with the Target's own CoT direction, per layer, with
-    the 95% band of random directions sent through the same alignment."""
+    the 95% band of random directions sent through the same alignment (and, with
+    ``contrast``, the band of the null-contrast keys)."""
     fig, ax = _figure()
     xs = cosines.layers
+    if contrast is not None:
+        ax.fill_between(
+            contrast.layers,
+            contrast.null_low,
+            contrast.null_high,
+            alpha=0.2,
+            color="tab:purple",
+            label=f"null-contrast keys ({100 * (2 * contrast.level - 1):g}% of "
+            f"{contrast.num_null})",
+        )
     ax.fill_between(
         xs,
         cosines.random_low,
@@ -249,7 +283,7 @@ def plot_key_cosine(cosines: Any, path: str | os.PathLike[str]) -> Path:
     ax.set_title("Transferred key vs the Target's own CoT direction (held-out)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _colormap(n: int) -> list[Any]:

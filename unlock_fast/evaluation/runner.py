@@ -28,7 +28,13 @@ from transformers import StoppingCriteriaList
 from ..artifacts import KeyLike, SteeringKey
 from ..capture import progress_bar
 from ..steering import steer
-from .grading import DEFAULT_STOP_MARKERS, extract_answer, is_equivalent, shows_steps
+from .grading import (
+    DEFAULT_STOP_MARKERS,
+    extract_answer,
+    is_equivalent,
+    shows_steps,
+    truncate_at_stop,
+)
 from .metrics import Accuracy, PairedComparison, accuracy, mean, paired_comparison, rate
 from .problem import Problem
 from .prompts import format_prompts
@@ -37,9 +43,11 @@ __all__ = [
     "CONDITIONS",
     "ConditionResult",
     "EvaluationResult",
+    "Generated",
     "ItemResult",
     "evaluate_conditions",
     "generate",
+    "grade_outputs",
     "random_key_like",
 ]
 
@@ -94,6 +102,8 @@ class _StopOnText:
 
 @dataclass(frozen=True)
 class Generated:
+    """One greedy continuation: its text and number of generated tokens."""
+
     text: str
     num_tokens: int
 
@@ -133,8 +143,6 @@ def generate(
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if tokenizer.padding_side != "left":
-        tokenizer.padding_side = "left"  # decoder-only batches generate from the right edge
     lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     device = next(model.parameters()).device
@@ -146,7 +154,10 @@ def generate(
     )
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
+        # Left padding (decoder-only batches generate from the right edge), for this call only.
+        enc = tokenizer(
+            [prompts[i] for i in idx], return_tensors="pt", padding=True, padding_side="left"
+        )
         enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
         if stop_strings:
             stop = _StopOnText(tokenizer, enc["input_ids"].shape[1], stop_strings)
@@ -209,6 +220,17 @@ class ConditionResult:
         return rate([it.shows_steps for it in self.items])
 
     @property
+    def mean_answer_words(self) -> float:
+        """Mean length in words of the outputs up to their first stop marker (the part the
+        grader reads; the token count often just hits the generation budget)."""
+        return mean([len(truncate_at_stop(it.output).split()) for it in self.items])
+
+    @property
+    def final_rate(self) -> float:
+        """Share of outputs that state "The final answer is ..." (the CoT prompt's form)."""
+        return rate([it.extraction == "final" for it in self.items])
+
+    @property
     def answered_rate(self) -> float:
         """Share of outputs with an extracted answer."""
         return rate([it.extracted is not None for it in self.items])
@@ -222,6 +244,8 @@ class ConditionResult:
             "mean_tokens": self.mean_tokens,
             "step_rate": self.step_rate,
             "answered_rate": self.answered_rate,
+            "mean_answer_words": self.mean_answer_words,
+            "final_answer_rate": self.final_rate,
             "seconds": self.seconds,
         }
 
@@ -273,6 +297,34 @@ def _compare(a: ConditionResult, b: ConditionResult, outcome: str) -> PairedComp
     return paired_comparison(
         [va[i] for i in ids], [vb[i] for i in ids], name_a=a.name, name_b=b.name
     )
+
+
+def grade_outputs(
+    condition: str,
+    problems: Sequence[Problem],
+    prompts: Sequence[str],
+    outputs: Sequence[Generated],
+) -> list[ItemResult]:
+    """Grade the generated ``outputs`` of ``problems`` (same order) under ``condition``."""
+    items = []
+    for p, prompt, g in zip(problems, prompts, outputs, strict=True):
+        ext = extract_answer(g.text, stop_markers=DEFAULT_STOP_MARKERS)
+        items.append(
+            ItemResult(
+                condition=condition,
+                id=p.id,
+                question=p.question,
+                reference=p.answer,
+                prompt=prompt,
+                output=g.text,
+                extracted=ext.answer,
+                extraction=ext.method,
+                correct=is_equivalent(ext.answer, p.answer),
+                num_tokens=g.num_tokens,
+                shows_steps=shows_steps(g.text),
+            )
+        )
+    return items
 
 
 def evaluate_conditions(
@@ -334,28 +386,10 @@ def evaluate_conditions(
                 progress=bar.update,
             )
             seconds = time.perf_counter() - t0
-            items = []
-            for p, prompt, g in zip(problems, prompts[style], gens, strict=True):
-                ext = extract_answer(g.text, stop_markers=DEFAULT_STOP_MARKERS)
-                items.append(
-                    ItemResult(
-                        condition=name,
-                        id=p.id,
-                        question=p.question,
-                        reference=p.answer,
-                        prompt=prompt,
-                        output=g.text,
-                        extracted=ext.answer,
-                        extraction=ext.method,
-                        correct=is_equivalent(ext.answer, p.answer),
-                        num_tokens=g.num_tokens,
-                        shows_steps=shows_steps(g.text),
-                    )
-                )
             results[name] = ConditionResult(
                 name,
                 _DESCRIPTIONS[name],
-                items,
+                grade_outputs(name, problems, prompts[style], gens),
                 alpha=alpha if use_key is not None else None,
                 seconds=seconds,
             )
