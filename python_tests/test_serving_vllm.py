@@ -231,7 +231,10 @@ def test_server_serves_steered_and_unsteered_requests_and_refuses_bad_ones(tiny,
         "--max-num-batched-tokens", "32", "--enable-prefix-caching", "--block-size", "32",
     ]  # fmt: skip
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115  # closed below
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # cwd away from the checkout: `python -m` puts the cwd first on sys.path.
+    server = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 300
         while True:
