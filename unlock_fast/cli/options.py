@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -49,51 +51,47 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # ---------------------------------------------------------------------------- argument types
 
+N = TypeVar("N", int, float)
+
+
+def _number_list(text: str, cast: Callable[[str], N], what: str) -> list[N]:
+    try:
+        out = [cast(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated {what}s, got {text!r}"
+        ) from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected at least one {what}")
+    return out
+
 
 def int_list(text: str) -> list[int]:
     """'3,5,7' -> [3, 5, 7]."""
-    try:
-        out = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not out:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return out
+    return _number_list(text, int, "integer")
 
 
 def float_list(text: str) -> list[float]:
     """'0.1,0.5' -> [0.1, 0.5]."""
+    return _number_list(text, float, "number")
+
+
+def _int_at_least(text: str, lo: int, what: str) -> int:
     try:
-        out = [float(x) for x in text.replace(" ", "").split(",") if x]
+        v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-    if not out:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return out
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if v < lo:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+    return v
 
 
 def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 ACCUMULATE = {"float64": torch.float64, "float32": torch.float32}
