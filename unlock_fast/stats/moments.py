@@ -3,7 +3,8 @@
 ``Moments`` keeps running sums of rows shifted by a fixed reference point (the mean of the
 first batch), so centred covariances of residual-stream activations, whose means are large,
 are free of catastrophic cancellation. The sums are fp32 (the compiled kernel) or float64
-(``dtype=torch.float64``); merging, all-reduce and finalisation are in float64.
+(``dtype=torch.float64``); merging, all-reduce and finalisation are in float64. Rows are
+held in a :class:`~.buffer.RowBuffer` and added a block at a time.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import ops
+from .. import ops
+from .buffer import DEFAULT_BUFFER_ROWS, RowBuffer
+from .rebase import rebased, symmetric
 
 __all__ = ["ACCUMULATE_DTYPES", "Moments", "check_accumulate"]
 
@@ -33,11 +36,6 @@ def check_accumulate(dtype: object) -> torch.dtype:
     return dtype
 
 
-def _symmetric(g: torch.Tensor) -> torch.Tensor:
-    """The full matrix whose upper triangle (diagonal included) is that of ``g``."""
-    return torch.triu(g) + torch.triu(g, 1).T
-
-
 class Moments:
     """Running moments of rows ``x`` [n, dim_x] and optional paired rows ``y`` [n, dim_y].
 
@@ -52,6 +50,10 @@ class Moments:
     (:func:`~unlock_fast.collect_alignment_stats`), because it inverts the eigenvalues of
     the Gram and fp32 sums there square the conditioning of the per-sample formula.
 
+    ``buffer_rows``: rows are copied into a block of this many and the Grams updated once per
+    full block (0 updates on every call); every read flushes the block first, and
+    :meth:`flush` does it by hand. ``count`` and ``rows`` include held rows.
+
     Accumulators with the same dimensions merge exactly (:meth:`merge`, :meth:`all_reduce`),
     so batches, threads and processes can each hold one. Memory is O(d²), not O(n·d).
     """
@@ -63,6 +65,7 @@ class Moments:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        buffer_rows: int = DEFAULT_BUFFER_ROWS,
     ) -> None:
         if isinstance(dim_x, bool) or not isinstance(dim_x, int) or dim_x <= 0:
             raise ValueError(f"dim_x must be a positive int, got {dim_x!r}")
@@ -73,21 +76,48 @@ class Moments:
         self.dim_x, self.dim_y = dim_x, dim_y
         self.device = torch.device(device)
         self.dtype = check_accumulate(dtype)
+        self._buffer = RowBuffer(buffer_rows, self.device, self.dtype)
         like: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
         self.count = 0.0  # sum of weights
         self.rows = 0
         self.shift_x: torch.Tensor | None = None
         self.shift_y: torch.Tensor | None = None
-        self.sum_x = torch.zeros(dim_x, **like)
-        self.gram_xx_s = torch.zeros(dim_x, dim_x, **like)  # upper triangle is authoritative
+        self._sum_x = torch.zeros(dim_x, **like)
+        self._gram_xx = torch.zeros(dim_x, dim_x, **like)  # upper triangle is authoritative
         if dim_y is not None:
-            self.sum_y = torch.zeros(dim_y, **like)
-            self.gram_yy_s = torch.zeros(dim_y, dim_y, **like)  # upper triangle
-            self.gram_xy_s = torch.zeros(dim_x, dim_y, **like)
+            self._sum_y = torch.zeros(dim_y, **like)
+            self._gram_yy = torch.zeros(dim_y, dim_y, **like)  # upper triangle
+            self._gram_xy = torch.zeros(dim_x, dim_y, **like)
 
     @property
     def paired(self) -> bool:
         return self.dim_y is not None
+
+    # The shifted sums and Grams (upper triangles for xx and yy), held rows flushed first.
+    @property
+    def sum_x(self) -> torch.Tensor:
+        return self.flush()._sum_x
+
+    @property
+    def sum_y(self) -> torch.Tensor:
+        return self.flush()._sum_y
+
+    @property
+    def gram_xx_s(self) -> torch.Tensor:
+        return self.flush()._gram_xx
+
+    @property
+    def gram_yy_s(self) -> torch.Tensor:
+        return self.flush()._gram_yy
+
+    @property
+    def gram_xy_s(self) -> torch.Tensor:
+        return self.flush()._gram_xy
+
+    def flush(self) -> Moments:
+        """Add the held rows to the sums now, and return self."""
+        self._buffer.drain(self._accumulate)
+        return self
 
     def __repr__(self) -> str:
         dims = f"{self.dim_x}" if self.dim_y is None else f"{self.dim_x}, {self.dim_y}"
@@ -146,13 +176,16 @@ class Moments:
             self.shift_x = (ws @ x.to(self.dtype)) / batch_count
             if y is not None:
                 self.shift_y = (ws @ y.to(self.dtype)) / batch_count
+        self._buffer.push(x, y, w, self._accumulate)
+        self.count += batch_count
+        self.rows += int(x.shape[0])
+        return self
+
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor | None, w: torch.Tensor | None) -> None:
         if self.dtype == torch.float64:
             self._accumulate64(x, y, w)
         else:
             self._accumulate32(x, y, w)
-        self.count += batch_count
-        self.rows += int(x.shape[0])
-        return self
 
     def _accumulate32(
         self, x: torch.Tensor, y: torch.Tensor | None, w: torch.Tensor | None
@@ -160,8 +193,8 @@ class Moments:
         """The compiled kernel: fp32 sums, upper triangles of the symmetric Grams."""
         assert self.shift_x is not None
         ops.moments_accumulate_(
-            x, y, w, self.shift_x, self.shift_y, self.sum_x, getattr(self, "sum_y", None),
-            self.gram_xx_s, getattr(self, "gram_yy_s", None), getattr(self, "gram_xy_s", None),
+            x, y, w, self.shift_x, self.shift_y, self._sum_x, getattr(self, "_sum_y", None),
+            self._gram_xx, getattr(self, "_gram_yy", None), getattr(self, "_gram_xy", None),
             upper_only=True,
         )  # fmt: skip
 
@@ -172,15 +205,15 @@ class Moments:
         assert self.shift_x is not None
         xs = x.to(torch.float64) - self.shift_x
         xw = xs if w is None else xs * w[:, None]
-        self.sum_x += xw.sum(0)
-        self.gram_xx_s.addmm_(xw.T, xs)
+        self._sum_x += xw.sum(0)
+        self._gram_xx.addmm_(xw.T, xs)
         if y is not None:
             assert self.shift_y is not None
             ys = y.to(torch.float64) - self.shift_y
             yw = ys if w is None else ys * w[:, None]
-            self.sum_y += yw.sum(0)
-            self.gram_yy_s.addmm_(yw.T, ys)
-            self.gram_xy_s.addmm_(xw.T, ys)
+            self._sum_y += yw.sum(0)
+            self._gram_yy.addmm_(yw.T, ys)
+            self._gram_xy.addmm_(xw.T, ys)
 
     # -- finalisation (float64) --------------------------------------------------------------
 
@@ -194,7 +227,7 @@ class Moments:
         if which not in ("xx", "yy") or (which == "yy" and not self.paired):
             raise ValueError(f"which must be xx or yy (paired only), got {which!r}")
         shift, s = self._pick(which[0])
-        g = self.gram_xx_s if which == "xx" else self.gram_yy_s
+        g = self._gram_xx if which == "xx" else self._gram_yy
         t, n = s.double(), self.count
         base = float(torch.diagonal(g).double().sum())
         if centered:  # tr(G_s) - |t|² / n
@@ -221,67 +254,20 @@ class Moments:
 
     def _gram_shifted(self, which: str) -> torch.Tensor:
         if which == "xy":
-            return self.gram_xy_s
-        return _symmetric(self.gram_xx_s if which == "xx" else self.gram_yy_s)
+            return self._gram_xy
+        return symmetric(self._gram_xx if which == "xx" else self._gram_yy)
 
     def _pick(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.count == 0 or self.shift_x is None:
             raise ValueError("no rows have been added to this accumulator")
+        self.flush()
         if which == "x":
-            return self.shift_x, self.sum_x
+            return self.shift_x, self._sum_x
         if which == "y" and self.paired and self.shift_y is not None:
-            return self.shift_y, self.sum_y
+            return self.shift_y, self._sum_y
         raise ValueError(f"which must be 'x' or 'y' (paired only), got {which!r}")
 
     # -- merging -----------------------------------------------------------------------------
-
-    def _rebased(
-        self, shift_x: torch.Tensor, shift_y: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
-        """This accumulator's sums and Grams re-expressed around new shifts, float64.
-
-        With δ = old - new: Σw(x-new) = t + nδ and
-        Σw(x-new)(z-new')ᵀ = G + t δ'ᵀ + δ t'ᵀ + n δ δ'ᵀ.
-        """
-        n = self.count
-        out: dict[str, torch.Tensor] = {}
-        if self.shift_x is None:  # empty: everything is zero around any shift
-            nx, ny = self.dim_x, self.dim_y
-            shapes = {"sum_x": (nx,), "gram_xx": (nx, nx)}
-            if ny is not None:
-                shapes.update(sum_y=(ny,), gram_yy=(ny, ny), gram_xy=(nx, ny))
-            return {
-                k: torch.zeros(v, dtype=torch.float64, device=self.device)
-                for k, v in shapes.items()
-            }
-        dx = self.shift_x.double() - shift_x.double()
-        tx = self.sum_x.double()
-        out["sum_x"] = tx + n * dx
-        out["gram_xx"] = (
-            _symmetric(self.gram_xx_s).double()
-            + torch.outer(tx, dx)
-            + torch.outer(dx, tx)
-            + n * torch.outer(dx, dx)
-        )
-        if self.paired:
-            assert self.shift_y is not None
-            assert shift_y is not None
-            dy_ = self.shift_y.double() - shift_y.double()
-            ty = self.sum_y.double()
-            out["sum_y"] = ty + n * dy_
-            out["gram_yy"] = (
-                _symmetric(self.gram_yy_s).double()
-                + torch.outer(ty, dy_)
-                + torch.outer(dy_, ty)
-                + n * torch.outer(dy_, dy_)
-            )
-            out["gram_xy"] = (
-                self.gram_xy_s.double()
-                + torch.outer(tx, dy_)
-                + torch.outer(dx, ty)
-                + n * torch.outer(dx, dy_)
-            )
-        return out
 
     def _store(
         self,
@@ -293,12 +279,12 @@ class Moments:
     ) -> None:
         self.shift_x = shift_x.to(self.device, self.dtype)
         self.shift_y = None if shift_y is None else shift_y.to(self.device, self.dtype)
-        self.sum_x.copy_(sums["sum_x"])
-        self.gram_xx_s.copy_(sums["gram_xx"])
+        self._sum_x.copy_(sums["sum_x"])
+        self._gram_xx.copy_(sums["gram_xx"])
         if self.paired:
-            self.sum_y.copy_(sums["sum_y"])
-            self.gram_yy_s.copy_(sums["gram_yy"])
-            self.gram_xy_s.copy_(sums["gram_xy"])
+            self._sum_y.copy_(sums["sum_y"])
+            self._gram_yy.copy_(sums["gram_yy"])
+            self._gram_xy.copy_(sums["gram_xy"])
         self.count, self.rows = count, rows
 
     def _check_compatible(self, other: Moments) -> None:
@@ -322,12 +308,12 @@ class Moments:
         if self.shift_x is None:
             shift_x = other.shift_x.to(self.device)
             shift_y = None if other.shift_y is None else other.shift_y.to(self.device)
-            mine = self._rebased(shift_x, shift_y)  # zeros
+            mine = rebased(self, shift_x, shift_y)  # zeros
         else:
             shift_x, shift_y = self.shift_x, self.shift_y
-            mine = self._rebased(shift_x, shift_y)
-        theirs = other._rebased(
-            shift_x.to(other.device), None if shift_y is None else shift_y.to(other.device)
+            mine = rebased(self, shift_x, shift_y)
+        theirs = rebased(
+            other, shift_x.to(other.device), None if shift_y is None else shift_y.to(other.device)
         )
         total = {k: mine[k] + theirs[k].to(self.device) for k in mine}
         self._store(shift_x, shift_y, total, self.count + other.count, self.rows + other.rows)
@@ -360,7 +346,7 @@ class Moments:
         shift_x = head[2 : 2 + self.dim_x] / count
         shift_y = head[2 + self.dim_x :] / count if self.paired else None
         # 2) sums and Grams around that shift, summed in float64
-        parts = self._rebased(shift_x, shift_y)
+        parts = rebased(self, shift_x, shift_y)
         keys = list(parts)
         flat = torch.cat([parts[k].reshape(-1) for k in keys])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
@@ -378,6 +364,7 @@ class Moments:
         """The state as plain values: ints/floats/None for the scalars (JSON-friendly) and
         contiguous tensors in the accumulation dtype, safe to store with safetensors. Grams
         are full matrices."""
+        self.flush()
         state: dict[str, Any] = {
             "dim_x": self.dim_x,
             "dim_y": self.dim_y,
@@ -389,15 +376,15 @@ class Moments:
         state["shift_x"] = (
             zeros(self.dim_x, **like) if self.shift_x is None else self.shift_x.clone()
         )
-        state["sum_x"] = self.sum_x.clone()
-        state["gram_xx"] = _symmetric(self.gram_xx_s).contiguous()
+        state["sum_x"] = self._sum_x.clone()
+        state["gram_xx"] = symmetric(self._gram_xx).contiguous()
         if self.dim_y is not None:
             state["shift_y"] = (
                 zeros(self.dim_y, **like) if self.shift_y is None else self.shift_y.clone()
             )
-            state["sum_y"] = self.sum_y.clone()
-            state["gram_yy"] = _symmetric(self.gram_yy_s).contiguous()
-            state["gram_xy"] = self.gram_xy_s.clone()
+            state["sum_y"] = self._sum_y.clone()
+            state["gram_yy"] = symmetric(self._gram_yy).contiguous()
+            state["gram_xy"] = self._gram_xy.clone()
         return state
 
     @classmethod
