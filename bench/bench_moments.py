@@ -8,6 +8,10 @@ The GFLOP/s column counts the baseline's dense products, 2·n·(dx² + dy² + dx
 so the ratio is the ratio of times. Ours needs only half the flops for XᵀX and YᵀY (their
 upper triangles); the table says which part of the gain that is.
 
+On CUDA two more contenders run: ``precision="tf32"`` and ``precision="half"`` (tensor
+cores; checked against the reference at their own tolerance), with the share of the GPU's
+dense bf16 tensor-core peak that the half path reaches (flops it does: full Grams).
+
     python bench/bench_moments.py [--device cpu|cuda] [--repeats 5] [--quick]
 """
 
@@ -22,6 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved, machine, parse_args, print_table, write_json  # noqa: E402
 
 from unlock_fast import ops, reference  # noqa: E402
+
+# Dense bf16 tensor-core peak, TFLOP/s (no sparsity), of the GPUs this is meant for.
+BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+# Largest relative error allowed per precision before timing.
+TOLERANCE = {"fp32": 1e-5, "tf32": 2e-3, "half": 8e-3}
+
+
+def bf16_peak(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
 
 
 def cases(device: str, quick: bool) -> list[tuple[int, int, int, torch.dtype]]:
@@ -52,14 +68,23 @@ def run_case(n: int, dx: int, dy: int, dtype: torch.dtype, device: str, args) ->
 
     shift_x = torch.zeros(dx, **f32)
     shift_y = torch.zeros(dy, **f32) if dy else None
-    ours_state, base_state = state(), state()
+    precisions = ["fp32", "tf32", "half"] if device == "cuda" else ["fp32"]
+    states = {p: state() for p in precisions}
+    base_state = state()
 
-    def ours():
-        s = ours_state
-        ops.moments_accumulate_(
-            x, y, None, shift_x, shift_y, s["sum_x"], s.get("sum_y"), s["gram_xx"],
-            s.get("gram_yy"), s.get("gram_xy"),
-        )  # fmt: skip
+    def contender(precision: str):
+        s = states[precision]
+
+        def run():
+            ops.moments_accumulate_(
+                x, y, None, shift_x, shift_y, s["sum_x"], s.get("sum_y"), s["gram_xx"],
+                s.get("gram_yy"), s.get("gram_xy"), precision=precision,
+            )  # fmt: skip
+
+        return run
+
+    runs = {p: contender(p) for p in precisions}
+    ours = runs["fp32"]
 
     def baseline():
         s = base_state
@@ -73,22 +98,26 @@ def run_case(n: int, dx: int, dy: int, dtype: torch.dtype, device: str, args) ->
             s["sum_y"].add_(yf.sum(0))
 
     # correctness first: one call each against the float64 reference
-    ours()
+    for run in runs.values():
+        run()
     baseline()
     ref = reference.moments_reference(x.cpu(), None if y is None else y.cpu())
-    for name, st in (("ours", ours_state), ("baseline", base_state)):
+    checks = [(f"ours ({p})", st, TOLERANCE[p]) for p, st in states.items()]
+    for name, st, tol in [*checks, ("baseline", base_state, TOLERANCE["fp32"])]:
         for key, val in st.items():
             want = ref[key]
+            if key.startswith("gram") and key != "gram_xy":  # ours fills the upper triangle
+                val, want = torch.triu(val), torch.triu(want)
             err = float((val.double().cpu() - want).abs().max() / (want.abs().max() + 1))
-            if err > 1e-5:
+            if err > tol:
                 raise SystemExit(f"{name} {key} is off by {err:.2e} (relative): not timing")
 
-    t = interleaved(
-        {"baseline": baseline, "ours": ours}, device, repeats=args.repeats, warmup=args.warmup
-    )
+    fns = {"baseline": baseline, "ours": ours}
+    fns.update({f"ours_{p}": runs[p] for p in precisions if p != "fp32"})
+    t = interleaved(fns, device, repeats=args.repeats, warmup=args.warmup)
     flops = 2.0 * n * (dx * dx + dy * dy + dx * dy)
     tb, to = t["baseline"]["median_s"], t["ours"]["median_s"]
-    return {
+    row = {
         "n": n,
         "dx": dx,
         "dy": dy,
@@ -100,6 +129,14 @@ def run_case(n: int, dx: int, dy: int, dtype: torch.dtype, device: str, args) ->
         "speedup": tb / to,
         "timings": t,
     }
+    peak = bf16_peak(device)
+    for p in precisions[1:]:
+        tp = t[f"ours_{p}"]["median_s"]
+        row[f"{p}_ms"] = tp * 1e3
+        row[f"{p}_speedup"] = tb / tp
+        if peak:  # the tensor-core path computes full Grams: its own flops
+            row[f"{p}_pct_bf16_peak"] = 100 * flops / tp / 1e12 / peak
+    return row
 
 
 def main() -> None:
@@ -108,7 +145,10 @@ def main() -> None:
     for n, dx, dy, dtype in cases(args.device, args.quick):
         rows.append(run_case(n, dx, dy, dtype, args.device, args))
         r = rows[-1]
-        print(f"  n={n} dx={dx} dy={dy} {r['dtype']}: x{r['speedup']:.2f}", flush=True)
+        extra = "".join(
+            f", {p} x{r[f'{p}_speedup']:.2f}" for p in ("tf32", "half") if f"{p}_speedup" in r
+        )
+        print(f"  n={n} dx={dx} dy={dy} {r['dtype']}: x{r['speedup']:.2f}{extra}", flush=True)
     print_table(
         rows,
         ["n", "dx", "dy", "dtype", "baseline_ms", "ours_ms", "baseline_gflops", "ours_gflops",

@@ -58,7 +58,8 @@ unlock::MomentsArgs moments_args(int64_t n, int64_t dx, int64_t dy, std::uintptr
                                  int64_t weight_stride, std::uintptr_t shift_x,
                                  std::uintptr_t shift_y, std::uintptr_t sum_x,
                                  std::uintptr_t sum_y, std::uintptr_t gram_xx,
-                                 std::uintptr_t gram_yy, std::uintptr_t gram_xy, bool upper_only) {
+                                 std::uintptr_t gram_yy, std::uintptr_t gram_xy, bool upper_only,
+                                 int gemm) {
   unlock::MomentsArgs a;
   a.n = n;
   a.dx = dx;
@@ -75,6 +76,10 @@ unlock::MomentsArgs moments_args(int64_t n, int64_t dx, int64_t dy, std::uintptr
   a.gram_yy = as_ptr<float>(gram_yy);
   a.gram_xy = as_ptr<float>(gram_xy);
   a.upper_only = upper_only;
+  UNLOCK_CHECK_ARG(gemm >= 0 && gemm <= 2,
+                   "moments: precision code must be 0 (fp32), 1 (tf32) or 2 (half), got " +
+                       std::to_string(gemm));
+  a.gemm = static_cast<unlock::MomentsGemm>(gemm);
   return a;
 }
 
@@ -108,17 +113,18 @@ unlock::SteerArgs steer_args(std::uintptr_t hidden, int dtype, int64_t batch, in
       int64_t x_s1, std::uintptr_t y, int y_dtype, int64_t y_s0, int64_t y_s1,               \
       std::uintptr_t weight, int64_t weight_stride, std::uintptr_t shift_x,                  \
       std::uintptr_t shift_y, std::uintptr_t sum_x, std::uintptr_t sum_y,                    \
-      std::uintptr_t gram_xx, std::uintptr_t gram_yy, std::uintptr_t gram_xy, bool upper_only
+      std::uintptr_t gram_xx, std::uintptr_t gram_yy, std::uintptr_t gram_xy, bool upper_only, \
+      int gemm
 #define UNLOCK_MOMENTS_CALL                                                                  \
   moments_args(n, dx, dy, x, x_dtype, x_s0, x_s1, y, y_dtype, y_s0, y_s1, weight,            \
                weight_stride, shift_x, shift_y, sum_x, sum_y, gram_xx, gram_yy, gram_xy,     \
-               upper_only)
+               upper_only, gemm)
 #define UNLOCK_MOMENTS_PYARGS                                                                \
   py::arg("n"), py::arg("dx"), py::arg("dy"), py::arg("x"), py::arg("x_dtype"),              \
       py::arg("x_s0"), py::arg("x_s1"), py::arg("y"), py::arg("y_dtype"), py::arg("y_s0"),   \
       py::arg("y_s1"), py::arg("weight"), py::arg("weight_stride"), py::arg("shift_x"),      \
       py::arg("shift_y"), py::arg("sum_x"), py::arg("sum_y"), py::arg("gram_xx"),            \
-      py::arg("gram_yy"), py::arg("gram_xy"), py::arg("upper_only")
+      py::arg("gram_yy"), py::arg("gram_xy"), py::arg("upper_only"), py::arg("gemm") = 0
 
 #define UNLOCK_STEER_ARGS                                                                    \
   std::uintptr_t hidden, int dtype, int64_t batch, int64_t seq, int64_t dim,                 \

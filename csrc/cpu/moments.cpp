@@ -77,6 +77,9 @@ void mirror_upper(float* g, int64_t d) {
 
 void moments_accumulate_cpu(const MomentsArgs& a) {
   moments_check_args(a);
+  UNLOCK_CHECK_ARG(a.gemm == MomentsGemm::kFp32,
+                   "moments: precision 'tf32' and 'half' need the CUDA backend; the CPU "
+                   "backend multiplies in fp32 only");
   const int64_t n = a.n, dx = a.dx, dy = a.dy;
   if (n == 0) return;
 

@@ -7,13 +7,14 @@ see :mod:`.library`).
 
 from .core import backends
 from .library import moments_accumulate_op, steer_op
-from .moments import moments_accumulate_
+from .moments import MOMENTS_PRECISIONS, moments_accumulate_
 from .rsvd import eigh_topk, svd_topk
 from .steer import steer_, steer_unchecked_
 
 __all__ = [
     "backends",
     "eigh_topk",
+    "MOMENTS_PRECISIONS",
     "moments_accumulate_",
     "moments_accumulate_op",
     "steer_",

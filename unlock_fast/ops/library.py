@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .moments import moments_accumulate_
+from .moments import check_precision, moments_accumulate_
 from .steer import steer_
 
 __all__ = ["moments_accumulate_op", "steer_op"]
@@ -68,6 +68,7 @@ def moments_accumulate_op(
     gram_yy: torch.Tensor | None,
     gram_xy: torch.Tensor | None,
     upper_only: bool = False,
+    precision: str = "fp32",
 ) -> None:
     """:func:`~unlock_fast.ops.moments_accumulate_` as an operator (state updated in place)."""
     moments_accumulate_(
@@ -82,6 +83,7 @@ def moments_accumulate_op(
         gram_yy,
         gram_xy,
         upper_only=upper_only,
+        precision=precision,
     )
 
 
@@ -98,7 +100,9 @@ def _moments_fake(
     gram_yy: torch.Tensor | None,
     gram_xy: torch.Tensor | None,
     upper_only: bool = False,
+    precision: str = "fp32",
 ) -> None:
     del y, weight, shift_x, shift_y, sum_x, sum_y, gram_xx, gram_yy, gram_xy, upper_only
+    check_precision(precision)
     if x.dim() != 2:
         raise ValueError(f"x must have shape [n, dx], got {list(x.shape)}")

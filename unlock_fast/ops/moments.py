@@ -18,7 +18,18 @@ from .core import (
     dtype_code,
 )
 
-__all__ = ["moments_accumulate_"]
+__all__ = ["MOMENTS_PRECISIONS", "check_precision", "moments_accumulate_"]
+
+# How the panel is multiplied; codes of the compiled core. tf32 and half run on CUDA only.
+MOMENTS_PRECISIONS = {"fp32": 0, "tf32": 1, "half": 2}
+
+
+def check_precision(precision: object) -> int:
+    """The code of a precision name, else ValueError naming the choices."""
+    code = MOMENTS_PRECISIONS.get(precision) if isinstance(precision, str) else None
+    if code is None:
+        raise ValueError(f"precision must be one of {tuple(MOMENTS_PRECISIONS)}, got {precision!r}")
+    return code
 
 
 def moments_accumulate_(
@@ -34,6 +45,7 @@ def moments_accumulate_(
     gram_xy: torch.Tensor | None,
     *,
     upper_only: bool = False,
+    precision: str = "fp32",
 ) -> None:
     """Add one batch of shifted moments into fp32 state, in place.
 
@@ -47,9 +59,15 @@ def moments_accumulate_(
     upper_only: update only the upper triangle of gram_xx and gram_yy (the lower part is
     left as it was), which saves an O(d²) pass per call; symmetrise once at the end.
 
+    precision (CUDA only): "fp32" (default) multiplies an fp32 panel of the shifted rows
+    exactly; "tf32" the same panel on TF32 tensor cores (products with 10-bit mantissas);
+    "half" keeps the panel in 16 bits (the input's fp16, else bfloat16: each shifted value
+    rounded once) and multiplies on tensor cores; both sum in fp32 and update the whole Grams.
+
     On CUDA the call is asynchronous on the current stream; negative weights there give NaN
     (the CPU backend raises ValueError instead).
     """
+    gemm = check_precision(precision)
     xt = as_tensor(x, "x")
     device = xt.device
     check_dtype(xt, "x", ACTIVATION_DTYPES)
@@ -111,6 +129,8 @@ def moments_accumulate_(
             wt = wt.to(torch.float32)
     check_device(device, y=yt, weight=wt, **state)
     backend = backend_of(device)
+    if gemm and backend != "cuda":
+        raise ValueError(f"precision={precision!r} needs CUDA tensors; the CPU multiplies in fp32")
     if n == 0:
         return
 
@@ -139,13 +159,14 @@ def moments_accumulate_(
         ptr(state.get("gram_yy")),
         ptr(state.get("gram_xy")),
         bool(upper_only),
+        gemm,
     )
     core = core_module()
     if backend == "cpu":
         core.moments_accumulate_cpu(*args)
         return
     rows = max(1, min(n, CUDA_WORKSPACE_FLOATS // (dx + dy + 1)))
-    workspace = torch.empty(rows * (dx + dy + 1), dtype=torch.float32, device=device)
+    workspace = torch.empty(rows * (dx + dy + 1) + 16, dtype=torch.float32, device=device)
     core.moments_accumulate_cuda(
         *args, device.index, workspace.data_ptr(), workspace.numel(), cuda_stream(device)
     )

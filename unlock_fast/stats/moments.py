@@ -50,6 +50,9 @@ class Moments:
     (:func:`~unlock_fast.collect_alignment_stats`), because it inverts the eigenvalues of
     the Gram and fp32 sums there square the conditioning of the per-sample formula.
 
+    ``precision`` (fp32 sums on CUDA only): "tf32" or "half" multiply on tensor cores, trading
+    the last bits of each product for speed (:func:`~unlock_fast.ops.moments_accumulate_`).
+
     ``buffer_rows``: rows are copied into a block of this many and the Grams updated once per
     full block (0 updates on every call); every read flushes the block first, and
     :meth:`flush` does it by hand. ``count`` and ``rows`` include held rows.
@@ -66,6 +69,7 @@ class Moments:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         buffer_rows: int = DEFAULT_BUFFER_ROWS,
+        precision: str = "fp32",
     ) -> None:
         if isinstance(dim_x, bool) or not isinstance(dim_x, int) or dim_x <= 0:
             raise ValueError(f"dim_x must be a positive int, got {dim_x!r}")
@@ -77,6 +81,13 @@ class Moments:
         self.device = torch.device(device)
         self.dtype = check_accumulate(dtype)
         self._buffer = RowBuffer(buffer_rows, self.device, self.dtype)
+        ops.moments.check_precision(precision)
+        if precision != "fp32" and (self.dtype != torch.float32 or self.device.type != "cuda"):
+            raise ValueError(
+                f"precision={precision!r} is for fp32 sums on a CUDA device, got "
+                f"dtype={self.dtype} on {self.device}"
+            )
+        self.precision = precision
         like: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
         self.count = 0.0  # sum of weights
         self.rows = 0
@@ -195,7 +206,7 @@ class Moments:
         ops.moments_accumulate_(
             x, y, w, self.shift_x, self.shift_y, self._sum_x, getattr(self, "_sum_y", None),
             self._gram_xx, getattr(self, "_gram_yy", None), getattr(self, "_gram_xy", None),
-            upper_only=True,
+            upper_only=True, precision=self.precision,
         )  # fmt: skip
 
     def _accumulate64(

@@ -18,6 +18,13 @@
 
 namespace unlock {
 
+// How the CUDA backend multiplies the panel. kFp32: an fp32 panel, FP32 syrk/gemm (exact
+// products). kTf32: the same panel, GEMMs on TF32 tensor cores (10-bit mantissa products,
+// fp32 sums). kHalf: the panel kept in 16 bits (the input's dtype, bfloat16 for fp32 input:
+// each shifted value rounded once), GEMMs on fp16/bf16 tensor cores with fp32 sums. kTf32
+// and kHalf update whole Grams (both triangles). The CPU backend runs kFp32 only.
+enum class MomentsGemm : int { kFp32 = 0, kTf32 = 1, kHalf = 2 };
+
 // A 2-D strided view of rows of one dtype; strides in elements.
 struct RowsView {
   const void* data = nullptr;
@@ -43,6 +50,7 @@ struct MomentsArgs {
   // Update only the upper triangle (j >= i) of G_xx and G_yy; the strictly lower part is left
   // as it was. Saves the O(d²) mirror per call when the caller symmetrises once at the end.
   bool upper_only = false;
+  MomentsGemm gemm = MomentsGemm::kFp32;
 };
 
 // Panel entry of one element.
