@@ -18,6 +18,10 @@ steerers must generate the same tokens. Prompts are right-padded, which all thre
 correctly. Writes JSON (default bench/results/pipeline.json).
 
     python bench/bench_pipeline.py [--prompts 64] [--new-tokens 32] [--repeats 5]
+
+The peers pin older libraries, so it runs in a virtualenv of its own: torch, then
+``pip install steering-vectors==0.12.2 repeng==0.4.0 "transformers<5" scipy-openblas32
+safetensors`` and ``pip install --no-deps .`` for this package.
 """
 
 from __future__ import annotations

@@ -115,3 +115,12 @@ def test_unlock_params_copies_and_sets_extra_args():
     }
     with pytest.raises(ValueError, match="unlock_mode"):
         unlock_params(base, key="cot", mode="spin")
+
+
+def test_add_groups_carry_the_scaled_vector():
+    vec = {0: torch.arange(4.0)}
+    req = UnlockRequest("k", 0.3, "add", "all")
+    plan = plan_step([ScheduledRequest(req, 0, 3, 0, 3)], {"k": vec}, torch.device("cpu"))
+    (group,) = plan[0]
+    assert group.alpha == 1.0
+    assert torch.equal(group.vector, vec[0] * 0.3)

@@ -22,7 +22,10 @@ removed on exit, also on exceptions; the model is then bit-for-bit what it was.
 
 Cost: the key, alpha and mode are checked once, when the hooks are installed, and each call's
 positions or mask once per call and device; a layer hook then checks only the hidden states
-and calls the kernel (:func:`unlock_fast.ops.steer_unchecked_`).
+and calls the kernel (:func:`unlock_fast.ops.steer_unchecked_`). ``add`` keeps alpha·r and
+computes h + (alpha·r), one rounding; when a call selects every token (a mask of ones, known
+on the CPU without a device sync) a layer step is the single torch op ``h.add_(alpha·r)``,
+the same bits as the kernel.
 
 ``torch.compile``: a steered model compiles without graph breaks from the hooks (also with
 ``fullgraph=True``). Under compilation the layer hooks call the registered operator
@@ -60,6 +63,7 @@ from .steering_state import POSITIONS, CallTracker
 __all__ = ["Key", "SteeringHandle", "steer", "MODES", "POSITIONS"]
 
 MODES = ("rotate", "add")
+_ADD = STEER_MODES["add"]
 
 
 Key = KeyLike | Sequence[KeyLike | None] | torch.Tensor
@@ -147,6 +151,7 @@ class _OnDevice:
     positions: torch.Tensor | None
     mask: torch.Tensor | None
     rows: tuple[int, ...]  # (B,) for positions, (B, S) for a mask: what hidden must match
+    everything: bool = False  # a mask known (without a device sync) to select every token
 
 
 @dataclass
@@ -155,13 +160,13 @@ class _Call:
 
     positions: torch.Tensor | None  # [B] long, -1 = leave the row alone
     mask: torch.Tensor | None  # [B, S] bool
-    per_device: dict[torch.device, _OnDevice] = field(default_factory=dict)
+    per_device: dict[int, _OnDevice] = field(default_factory=dict)  # by get_device()
 
-    def on(self, device: torch.device) -> _OnDevice:
-        """The selection on ``device``: moved there and checked the first time only."""
-        sel = self.per_device.get(device)
+    def on(self, h: torch.Tensor) -> _OnDevice:
+        """The selection on ``h``'s device: moved there and checked the first time only."""
+        sel = self.per_device.get(h.get_device())
         if sel is None:
-            sel = self.per_device[device] = _checked(self.positions, self.mask, device)
+            sel = self.per_device[h.get_device()] = _checked(self.positions, self.mask, h.device)
         return sel
 
 
@@ -175,9 +180,10 @@ def _checked(
         if p.dim() == 1:
             return _OnDevice(p, None, (int(p.shape[0]),))
     elif mask is not None and positions is None:
-        m = mask.to(device)
+        m = mask if mask.device == device else mask.to(device)
         if m.dtype == torch.bool and m.dim() == 2:
-            return _OnDevice(None, m, (int(m.shape[0]), int(m.shape[1])))
+            every = m.is_cpu and bool(m.all())  # no host sync on an accelerator
+            return _OnDevice(None, m, (int(m.shape[0]), int(m.shape[1])), every)
     raise ValueError("a steering call needs [B] int positions or a [B, S] bool mask")
 
 
@@ -201,11 +207,15 @@ class SteeringHandle:
         self._mode_code = STEER_MODES[mode]
         self.positions = positions
         self.layers = layers
-        self._vectors = vectors  # [L_sel, d] or [B, L_sel, d], fp32
+        # add: alpha·r once here, so that h + (alpha·r) is one rounding, as torch's add_
+        self._kernel_alpha = 1.0 if mode == "add" else self.alpha
+        self._vectors = vectors * alpha if mode == "add" else vectors  # [L_sel, d] / [B, L_sel, d]
+        self._rows = list(self._vectors.float().contiguous().unbind(0))  # [d] views, shared keys
         self._row_on = row_on
         self._call: _Call | None = None
         self._tracker = CallTracker(model, positions)
-        self._vec_cache: dict[tuple[int, torch.device, int], torch.Tensor] = {}
+        # (layer, h.get_device(), rows; 0 for a shared key) -> fp32 contiguous vector(s)
+        self._vec_cache: dict[tuple[int, int, int], torch.Tensor] = {}
         owner = _stack_owner(model, blocks)
         try:
             self._sig: inspect.Signature | None = inspect.signature(owner.forward)
@@ -281,15 +291,15 @@ class SteeringHandle:
             "SteeringKey per row (or a multiple of the rows, as generate expands them)"
         )
 
-    def _vector(self, i: int, device: torch.device, b: int) -> torch.Tensor:
-        k = (i, device, b)
+    def _vector(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        shared = self._vectors.dim() == 2
+        if shared and h.is_cpu and self._vectors.is_cpu:  # rows of the contiguous fp32 key
+            return self._rows[i]
+        k = (i, h.get_device(), 0 if shared else h.shape[0])
         v = self._vec_cache.get(k)
         if v is None:
-            if self._vectors.dim() == 2:
-                v = self._vectors[i]
-            else:
-                v = self._expand(self._vectors[:, i], b)
-            v = self._vec_cache[k] = v.to(device=device, dtype=torch.float32).contiguous()
+            v = self._vectors[i] if shared else self._expand(self._vectors[:, i], h.shape[0])
+            v = self._vec_cache[k] = v.to(device=h.device, dtype=torch.float32).contiguous()
         return v
 
     def _layer_hook(self, i: int) -> Callable[[nn.Module, Any, Any], Any]:
@@ -300,23 +310,25 @@ class SteeringHandle:
             h = layer_output(output)
             if torch.compiler.is_compiling():
                 return self._traced_step(i, h, output, call)
-            sel = call.on(h.device)
-            vec = self._vector(i, h.device, h.shape[0])
+            sel = call.on(h)
+            vec = self._vector(i, h)
+            alpha = self._kernel_alpha
             if torch.is_grad_enabled() and h.requires_grad:  # differentiable path
                 new = reference.steer_reference(
-                    h, vec, self.alpha, positions=sel.positions, mask=sel.mask, mode=self.mode
+                    h, vec, alpha, positions=sel.positions, mask=sel.mask, mode=self.mode
                 )
                 return _replace(output, new)
             target = h if h.is_contiguous() else h.contiguous()
-            if target.shape[: len(sel.rows)] == sel.rows:
+            if sel.everything and self._mode_code == _ADD and sel.rows == _rows(target):
+                # every token, added: one torch op, the same bits as the kernel's h + (alpha·r)
+                target.add_(vec if vec.dim() == 1 else vec[:, None])
+            elif target.shape[: len(sel.rows)] == sel.rows:
                 # alpha, mode and the vector were checked at installation, the selection
                 # once per call and device: only hidden is checked per layer.
-                ops.steer_unchecked_(
-                    target, vec, self.alpha, self._mode_code, sel.positions, sel.mask
-                )
+                ops.steer_unchecked_(target, vec, alpha, self._mode_code, sel.positions, sel.mask)
             else:  # a shape mismatch: the checked entry raises naming it
                 ops.steer_(
-                    target, vec, self.alpha, positions=sel.positions, mask=sel.mask, mode=self.mode
+                    target, vec, alpha, positions=sel.positions, mask=sel.mask, mode=self.mode
                 )
             return None if target is h else _replace(output, target)
 
@@ -331,14 +343,17 @@ class SteeringHandle:
         vec = vec.to(device=h.device, dtype=torch.float32).contiguous()
         pos = None if call.positions is None else call.positions.to(h.device)
         mask = None if call.mask is None else call.mask.to(h.device)
+        alpha = self._kernel_alpha
         if torch.is_grad_enabled() and h.requires_grad:
-            new = reference.steer_reference(
-                h, vec, self.alpha, positions=pos, mask=mask, mode=self.mode
-            )
+            new = reference.steer_reference(h, vec, alpha, positions=pos, mask=mask, mode=self.mode)
             return _replace(output, new)
         target = h.contiguous()
-        torch.ops.unlock_fast.steer_(target, vec, self.alpha, pos, mask, self.mode)
+        torch.ops.unlock_fast.steer_(target, vec, alpha, pos, mask, self.mode)
         return _replace(output, target)
+
+
+def _rows(h: torch.Tensor) -> tuple[int, int]:
+    return h.size(0), h.size(1)
 
 
 def _replace(output: Any, h: torch.Tensor) -> Any:

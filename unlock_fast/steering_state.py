@@ -131,13 +131,6 @@ def _pad_ids(model: nn.Module) -> list[int]:
     return out
 
 
-def _one_per_row(mask: torch.Tensor) -> Selection:
-    """A [B, S] selection; with one token per row, the cheaper per-row form."""
-    if mask.shape[1] == 1:
-        return Selection(torch.where(mask[:, 0], 0, -1), True)
-    return Selection(mask, False)
-
-
 class CallTracker:
     """Follows the forward calls of one steered model and says what each one steers."""
 
@@ -168,7 +161,7 @@ class CallTracker:
         real = self._real_tokens(args.get("attention_mask"), ids, b, s, past, x.device)
         before, self._length = self._length, past + s
         if past > 0:  # decoding on a cache: every new token is generated
-            return _one_per_row(real) if self.positions in ("generated", "all") else None
+            return Selection(real, False) if self.positions in ("generated", "all") else None
         prompt = self._prompt
         if prompt is None or cache is not None or not prompt.continued_by(ids, real, before):
             prompt = self._prompt = _Prompt.of(ids, real)
@@ -176,7 +169,7 @@ class CallTracker:
         if self.positions == "last_prompt":
             return Selection(prompt.last, True)
         if self.positions == "all" or (self.positions == "prompt" and s == n):
-            return _one_per_row(real)
+            return Selection(real, False)
         if s == n:  # generated, on a fresh prompt
             return None
         mask = real.clone()
@@ -184,7 +177,7 @@ class CallTracker:
             mask[:, n:] = False
         else:
             mask[:, :n] = False
-        return _one_per_row(mask)
+        return Selection(mask, False)
 
     def _real_tokens(
         self,
@@ -201,7 +194,9 @@ class CallTracker:
                 raise ValueError(
                     f"attention_mask has {am.shape[1]} columns but the call has {s} new tokens"
                 )
-            return am[:, -s:].ne(0)
+            if am.dtype == torch.bool:
+                return am if am.shape[1] == s else am.narrow(1, am.shape[1] - s, s)
+            return (am if am.shape[1] == s else am.narrow(1, am.shape[1] - s, s)).ne(0)
         if past == 0 and ids is not None and ids.dim() == 2 and s > 0:
             self._refuse_unmasked_padding(ids)
         return torch.ones(b, s, dtype=torch.bool, device=device)

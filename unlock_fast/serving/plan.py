@@ -34,7 +34,8 @@ class ScheduledRequest:
 
 @dataclass
 class SteerGroup:
-    """Rows steered alike at one layer: the same vector, alpha and rule."""
+    """Rows steered alike at one layer: the same vector, alpha and rule. For ``add`` the
+    vector is alpha·r and alpha 1, so that h + (alpha·r) rounds as the HF hooks' does."""
 
     rows: torch.Tensor  # [n] long, on the model's device
     vector: torch.Tensor  # [d] float32
@@ -74,5 +75,6 @@ def plan_step(
     for (name, alpha, mode), rows in grouped.items():
         idx = torch.tensor(rows, dtype=torch.long, device=device)
         for layer, vec in keys[name].items():
-            plan.setdefault(layer, []).append(SteerGroup(idx, vec, alpha, mode))
+            group = SteerGroup(idx, vec * alpha, 1.0, mode) if mode == "add" else None
+            plan.setdefault(layer, []).append(group or SteerGroup(idx, vec, alpha, mode))
     return plan
