@@ -160,18 +160,23 @@ class _Call:
 
     positions: torch.Tensor | None  # [B] long, -1 = leave the row alone
     mask: torch.Tensor | None  # [B, S] bool
+    add: bool = False  # add mode: worth knowing whether the mask selects every token
     per_device: dict[int, _OnDevice] = field(default_factory=dict)  # by get_device()
 
     def on(self, h: torch.Tensor) -> _OnDevice:
         """The selection on ``h``'s device: moved there and checked the first time only."""
         sel = self.per_device.get(h.get_device())
         if sel is None:
-            sel = self.per_device[h.get_device()] = _checked(self.positions, self.mask, h.device)
+            sel = _checked(self.positions, self.mask, h.device, self.add)
+            self.per_device[h.get_device()] = sel
         return sel
 
 
 def _checked(
-    positions: torch.Tensor | None, mask: torch.Tensor | None, device: torch.device
+    positions: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    device: torch.device,
+    add: bool = False,
 ) -> _OnDevice:
     """The selection in the form the unchecked kernel entry takes (int64 contiguous
     positions or a bool mask, on ``device``); ValueError when it is neither."""
@@ -182,7 +187,7 @@ def _checked(
     elif mask is not None and positions is None:
         m = mask if mask.device == device else mask.to(device)
         if m.dtype == torch.bool and m.dim() == 2:
-            every = m.is_cpu and bool(m.all())  # no host sync on an accelerator
+            every = add and m.is_cpu and bool(m.all())  # no host sync on an accelerator
             return _OnDevice(None, m, (int(m.shape[0]), int(m.shape[1])), every)
     raise ValueError("a steering call needs [B] int positions or a [B, S] bool mask")
 
@@ -208,9 +213,10 @@ class SteeringHandle:
         self.positions = positions
         self.layers = layers
         # add: alpha·r once here, so that h + (alpha·r) is one rounding, as torch's add_
-        self._kernel_alpha = 1.0 if mode == "add" else self.alpha
-        self._vectors = vectors * alpha if mode == "add" else vectors  # [L_sel, d] / [B, L_sel, d]
-        self._rows = list(self._vectors.float().contiguous().unbind(0))  # [d] views, shared keys
+        # [L_sel, d] or [B, L_sel, d], fp32; a shared key's per-layer rows ready for the kernel
+        self._vectors, self._kernel_alpha = ops.steer.kernel_operands(vectors, self.alpha, mode)
+        shared = self._vectors.dim() == 2
+        self._rows = list(self._vectors.contiguous().unbind(0)) if shared else []
         self._row_on = row_on
         self._call: _Call | None = None
         self._tracker = CallTracker(model, positions)
@@ -270,7 +276,7 @@ class SteeringHandle:
         on = self._rows_on(int(sel.where.shape[0]), sel.where.device)
         if on is not None:
             sel = sel.only_rows(on)
-        self._call = _Call(positions=sel.positions, mask=sel.mask)
+        self._call = _Call(positions=sel.positions, mask=sel.mask, add=self._mode_code == _ADD)
 
     def _post_hook(self, *_: Any) -> None:
         self._call = None
@@ -319,7 +325,7 @@ class SteeringHandle:
                 )
                 return _replace(output, new)
             target = h if h.is_contiguous() else h.contiguous()
-            if sel.everything and self._mode_code == _ADD and sel.rows == _rows(target):
+            if sel.everything and sel.rows == _rows(target):
                 # every token, added: one torch op, the same bits as the kernel's h + (alpha·r)
                 target.add_(vec if vec.dim() == 1 else vec[:, None])
             elif target.shape[: len(sel.rows)] == sel.rows:

@@ -20,10 +20,17 @@ from .core import (
     dtype_names,
 )
 
-__all__ = ["STEER_MODES", "steer_", "steer_unchecked_"]
+__all__ = ["STEER_MODES", "kernel_operands", "steer_", "steer_unchecked_"]
 
 # mode codes of csrc/include/unlock/steer.h (enum class SteerMode)
 STEER_MODES = {"rotate": 0, "add": 1}
+
+
+def kernel_operands(vector: torch.Tensor, alpha: float, mode: str) -> tuple[torch.Tensor, float]:
+    """(vector, alpha) as the steering hooks and the vLLM worker hand them to the kernel:
+    for ``add``, (alpha·r, 1.0), so that the kernel computes h + (alpha·r) with one rounding,
+    bit for bit what torch's ``h.add_(alpha·r)`` gives; ``rotate`` unchanged."""
+    return (vector * alpha, 1.0) if mode == "add" else (vector, alpha)
 
 
 def steer_(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.steer import kernel_operands
 from .requests import UnlockRequest
 
 __all__ = ["ScheduledRequest", "SteerGroup", "plan_step", "rows_to_steer"]
@@ -75,6 +76,7 @@ def plan_step(
     for (name, alpha, mode), rows in grouped.items():
         idx = torch.tensor(rows, dtype=torch.long, device=device)
         for layer, vec in keys[name].items():
-            group = SteerGroup(idx, vec * alpha, 1.0, mode) if mode == "add" else None
-            plan.setdefault(layer, []).append(group or SteerGroup(idx, vec, alpha, mode))
+            plan.setdefault(layer, []).append(
+                SteerGroup(idx, *kernel_operands(vec, alpha, mode), mode)
+            )
     return plan
