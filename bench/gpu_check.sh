@@ -3,7 +3,7 @@
 # run the kernel tests on CPU and CUDA and every CUDA-marked test of the suite (the hooks on
 # a CUDA model, the dense SVD/eigh paths), run the CUDA benchmarks, and write what was seen
 # (device named) under $OUT (default bench/results/gpu): gpu_check.json (summary),
-# gpu_check.log, build.log, pytest.xml and one JSON per benchmark (9 files, one folder).
+# gpu_check.log, build.log, pytest.xml and one JSON per benchmark (10 files, one folder).
 # Meant for a machine with an NVIDIA GPU, nvcc, torch with CUDA, and the nvidia-cublas /
 # nvidia-cusolver wheels (or a full CUDA toolkit).
 #
@@ -88,7 +88,7 @@ fi
 step "kernel tests (cpu and cuda)"
 tests=()
 for f in test_build test_cuda_build test_moments test_moments_buffer test_moments_precision \
-  test_steer test_rsvd test_ops_boundary; do
+  test_steer test_steer_tokens test_rsvd test_ops_boundary; do
   [ -f "python_tests/$f.py" ] && tests+=("python_tests/$f.py")
 done
 UNLOCK_TEST_DEVICE=cpu,cuda timeout "$(left 150)" "$py" -P -m pytest -q -p no:cacheprovider \
@@ -127,6 +127,7 @@ bench() { # name cap args...
 bench moments 60 bench/bench_moments.py
 bench moments-buffer 45 bench/bench_moments_buffer.py --dims 4096 --blocks 1024
 bench steer 60 bench/bench_steer.py
+bench steer-graph 40 bench/bench_steer_graph.py
 bench rsvd 90 bench/bench_rsvd.py --d 8192 --k 256
 bench eigh-threshold 90 bench/bench_eigh_threshold.py --repeats 3
 [ "$bench_rc" -eq 0 ] || status=1

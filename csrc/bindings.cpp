@@ -108,6 +108,30 @@ unlock::SteerArgs steer_args(std::uintptr_t hidden, int dtype, int64_t batch, in
   return a;
 }
 
+unlock::SteerTokensArgs steer_tokens_args(std::uintptr_t hidden, std::uintptr_t residual,
+                                           int dtype, int64_t rows, int64_t dim,
+                                           int64_t hidden_stride, int64_t residual_stride,
+                                           std::uintptr_t table, int64_t num_slots,
+                                           int64_t layers, int64_t layer, std::uintptr_t slots,
+                                           std::uintptr_t alphas, std::uintptr_t modes) {
+  unlock::SteerTokensArgs a;
+  a.hidden = as_ptr<void>(hidden);
+  a.residual = as_ptr<void>(residual);
+  a.dtype = unlock::dtype_from_code(dtype);
+  a.rows = rows;
+  a.dim = dim;
+  a.hidden_stride = hidden_stride;
+  a.residual_stride = residual_stride;
+  a.table = as_ptr<const float>(table);
+  a.num_slots = num_slots;
+  a.layers = layers;
+  a.layer = layer;
+  a.slots = as_ptr<const int32_t>(slots);
+  a.alphas = as_ptr<const float>(alphas);
+  a.modes = as_ptr<const uint8_t>(modes);
+  return a;
+}
+
 #define UNLOCK_MOMENTS_ARGS                                                                  \
   int64_t n, int64_t dx, int64_t dy, std::uintptr_t x, int x_dtype, int64_t x_s0,            \
       int64_t x_s1, std::uintptr_t y, int y_dtype, int64_t y_s0, int64_t y_s1,               \
@@ -135,11 +159,28 @@ unlock::SteerArgs steer_args(std::uintptr_t hidden, int dtype, int64_t batch, in
   steer_args(hidden, dtype, batch, seq, dim, stride_b, stride_s, positions, mask,            \
              mask_stride_b, mask_stride_s, vector, vector_stride_b, alpha, mode)
 
+#define UNLOCK_STEER_TOKENS_ARGS                                                             \
+  std::uintptr_t hidden, std::uintptr_t residual, int dtype, int64_t rows, int64_t dim,      \
+      int64_t hidden_stride, int64_t residual_stride, std::uintptr_t table,                  \
+      int64_t num_slots, int64_t layers, int64_t layer, std::uintptr_t slots,                \
+      std::uintptr_t alphas, std::uintptr_t modes
+#define UNLOCK_STEER_TOKENS_CALL                                                             \
+  steer_tokens_args(hidden, residual, dtype, rows, dim, hidden_stride, residual_stride,      \
+                    table, num_slots, layers, layer, slots, alphas, modes)
+
 void moments_cpu(UNLOCK_MOMENTS_ARGS) { unlock::moments_accumulate_cpu(UNLOCK_MOMENTS_CALL); }
 
 void steer_cpu(UNLOCK_STEER_ARGS) { unlock::steer_cpu(UNLOCK_STEER_CALL); }
 
+void steer_tokens_cpu(UNLOCK_STEER_TOKENS_ARGS) {
+  unlock::steer_tokens_cpu(UNLOCK_STEER_TOKENS_CALL);
+}
+
 #if UNLOCK_WITH_CUDA
+void steer_tokens_cuda(UNLOCK_STEER_TOKENS_ARGS, int device, std::uintptr_t stream) {
+  unlock::steer_tokens_cuda(UNLOCK_STEER_TOKENS_CALL, device, stream);
+}
+
 void moments_cuda(UNLOCK_MOMENTS_ARGS, int device, std::uintptr_t workspace,
                   int64_t workspace_floats, std::uintptr_t stream) {
   unlock::moments_accumulate_cuda(UNLOCK_MOMENTS_CALL, device, as_ptr<float>(workspace),
@@ -195,6 +236,9 @@ PYBIND11_MODULE(_core, m) {
   // ---- residual steering ------------------------------------------------------------------
   m.def("steer_cpu", &steer_cpu, py::call_guard<py::gil_scoped_release>());
   UNLOCK_DEF_CUDA(m, "steer_cuda", &steer_cuda, py::call_guard<py::gil_scoped_release>());
+  m.def("steer_tokens_cpu", &steer_tokens_cpu, py::call_guard<py::gil_scoped_release>());
+  UNLOCK_DEF_CUDA(m, "steer_tokens_cuda", &steer_tokens_cuda,
+                  py::call_guard<py::gil_scoped_release>());
 
   // ---- randomized eigensolver / SVD (rsvd) ------------------------------------------------
   // BEGIN rsvd bindings: bind the functions declared in csrc/include/unlock/rsvd.h here,

@@ -356,3 +356,22 @@ def test_keys_with_the_first_fingerprint_format_still_apply():
     with pytest.raises(ValueError, match="fingerprint"):
         steer(src, old)
     steer(src, key).remove()
+
+
+def test_a_model_info_taken_from_the_model_accepts_what_steer_accepts(tmp_path):
+    """The server checks keys against a ModelInfo (vLLM's model, or a meta skeleton of the
+    config), not the HF model: an old-format key that steer() takes passes there too, and a
+    CLI's refusal names its own flag."""
+    src, _, _, _ = _models("eval")
+    key = _key(src)
+    info = ModelInfo.of(src)
+    old = ModelInfo(info.name, legacy_model_fingerprint(src), info.hidden_size, info.num_layers)
+    old.check(info, what="the key")
+    assert info.to_dict() == key.model.to_dict()  # the legacy fingerprint is never saved
+    assert "legacy_fingerprint" not in info.to_dict()
+    other = ModelInfo(info.name, "0" * 16, info.hidden_size, info.num_layers)
+    with pytest.raises(ValueError, match="pass check_fingerprint=False"):
+        other.check(info, what="the key")
+    with pytest.raises(ValueError, match="pass --no-check-fingerprint if"):
+        other.check(info, what="the key", override="pass --no-check-fingerprint")
+    other.check(info, what="the key", check_fingerprint=False)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
-import torch
 
-from unlock_fast.serving.plan import ScheduledRequest, plan_step, rows_to_steer
+from unlock_fast.serving.plan import ScheduledRequest, fill_step, rows_to_steer
 from unlock_fast.serving.requests import UnlockRequest, cache_salt, parse_request, unlock_params
 
 
@@ -38,23 +38,27 @@ def test_each_rule_steers_the_same_positions_however_the_prompt_is_chunked(chunk
     assert _steered_positions(p, total, chunk, "all") == list(range(total))
 
 
-def test_plan_groups_rows_by_key_alpha_and_mode():
-    vec = {0: torch.ones(4), 2: torch.full((4,), 2.0)}
-    keys = {"a": vec, "b": {1: torch.zeros(4)}}
+def _buffers(n: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.full(n, -1, np.int32), np.zeros(n, np.float32), np.zeros(n, np.uint8)
+
+
+def test_fill_step_writes_each_steered_row_its_slot_alpha_and_mode():
+    slot_of = {"a": 2, "b": 0}
     scheduled = [
         ScheduledRequest(_req(key="a"), 0, 5, 0, 5),  # last prompt token at row 4
         ScheduledRequest(None, 0, 3, 5, 8),  # unsteered
         ScheduledRequest(_req(key="a"), 9, 9, 8, 9),  # decoding: nothing for last_prompt
         ScheduledRequest(_req(key="a"), 4, 6, 9, 11),  # prompt positions 4, 5: row 10
-        ScheduledRequest(_req(key="b", alpha=0.5), 0, 2, 11, 13),  # row 12
-        ScheduledRequest(_req(key="missing"), 0, 2, 13, 15),  # skipped
+        ScheduledRequest(UnlockRequest("b", 0.5, "add", "all"), 0, 2, 11, 13),  # rows 11, 12
+        ScheduledRequest(_req(key="missing"), 0, 2, 13, 15),  # no slot: skipped
     ]
-    plan = plan_step(scheduled, keys, torch.device("cpu"))
-    assert sorted(plan) == [0, 1, 2]
-    assert [g.rows.tolist() for g in plan[0]] == [[4, 10]]
-    assert plan[0][0].vector is vec[0]
-    assert plan[2][0].rows.tolist() == [4, 10]
-    assert [(g.rows.tolist(), g.alpha) for g in plan[1]] == [([12], 0.5)]
+    slots, alphas, modes = _buffers()
+    end = fill_step(scheduled, slot_of, slots, alphas, modes)
+    assert end == 13
+    assert slots.tolist() == [-1] * 4 + [2] + [-1] * 5 + [2, 0, 0] + [-1] * 3
+    assert alphas[[4, 10, 11, 12]].tolist() == pytest.approx([0.1, 0.1, 0.5, 0.5])
+    assert modes[[4, 10, 11, 12]].tolist() == [0, 0, 1, 1]
+    assert fill_step([scheduled[1], scheduled[2]], slot_of, *_buffers()) == 0
 
 
 def test_parse_request_refuses_what_the_server_answers_with_400():
@@ -115,12 +119,3 @@ def test_unlock_params_copies_and_sets_extra_args():
     }
     with pytest.raises(ValueError, match="unlock_mode"):
         unlock_params(base, key="cot", mode="spin")
-
-
-def test_add_groups_carry_the_scaled_vector():
-    vec = {0: torch.arange(4.0)}
-    req = UnlockRequest("k", 0.3, "add", "all")
-    plan = plan_step([ScheduledRequest(req, 0, 3, 0, 3)], {"k": vec}, torch.device("cpu"))
-    (group,) = plan[0]
-    assert group.alpha == 1.0
-    assert torch.equal(group.vector, vec[0] * 0.3)

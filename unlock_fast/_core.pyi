@@ -74,8 +74,8 @@ def moments_accumulate_cuda(
 ) -> None: ...
 
 # -- residual steering (positional arguments only) ---------------------------------------------
-# A position outside [-1, seq) raises ValueError on the CPU and is a device-side assertion on
-# CUDA; -1 leaves the row alone.
+# A position outside [-1, seq) raises ValueError on the CPU; on CUDA the Python entry point
+# checks before launch and the kernel leaves such a row alone; -1 leaves the row alone.
 def steer_cpu(
     hidden: int,
     dtype: int,
@@ -110,6 +110,45 @@ def steer_cuda(
     vector_stride_b: int,
     alpha: float,
     mode: int,
+    device: int,
+    stream: int,
+    /,
+) -> None: ...
+
+# Per-token steering from persistent buffers (a serving engine's flattened batch): row i is
+# steered with table[slots[i], layer] when 0 <= slots[i] < num_slots, else left alone.
+def steer_tokens_cpu(
+    hidden: int,
+    residual: int,
+    dtype: int,
+    rows: int,
+    dim: int,
+    hidden_stride: int,
+    residual_stride: int,
+    table: int,
+    num_slots: int,
+    layers: int,
+    layer: int,
+    slots: int,
+    alphas: int,
+    modes: int,
+    /,
+) -> None: ...
+def steer_tokens_cuda(
+    hidden: int,
+    residual: int,
+    dtype: int,
+    rows: int,
+    dim: int,
+    hidden_stride: int,
+    residual_stride: int,
+    table: int,
+    num_slots: int,
+    layers: int,
+    layer: int,
+    slots: int,
+    alphas: int,
+    modes: int,
     device: int,
     stream: int,
     /,

@@ -14,6 +14,7 @@ __all__ = [
     "svd_topk_reference",
     "fix_signs",
     "steer_reference",
+    "steer_tokens_reference",
 ]
 
 
@@ -125,3 +126,40 @@ def steer_reference(
         raise ValueError(f"mode must be 'rotate' or 'add', got {mode!r}")
     out = torch.where(mask[:, :, None], new, h)
     return out.to(hidden.dtype)
+
+
+def steer_tokens_reference(
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    table: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+    alphas: torch.Tensor,
+    modes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Steered copies of (hidden, residual): the serving engine's per-row steering.
+
+    Row i of hidden [N, d] is steered when 0 <= slots[i] < K (table: [K, L, d]) with
+    ``table[slots[i], layer]``, alphas[i] and modes[i] (0 rotate, 1 add). With a residual,
+    the stream hidden + residual (rounded to the dtype) is steered into hidden and the
+    residual row becomes 0. add is h + (alpha·r), alpha·r rounded to fp32 first.
+    """
+    h, res = hidden.clone(), None if residual is None else residual.clone()
+    n = hidden.shape[0]
+    for i in range(n):
+        slot = int(slots[i])
+        if not 0 <= slot < table.shape[0]:
+            continue
+        if res is not None:
+            h[i] = h[i] + res[i]
+            res[i] = 0
+        r = table[slot, layer].to(torch.float32)
+        alpha = float(alphas[i])
+        if int(modes[i]) == 1:
+            h[i] = (h[i].to(torch.float32) + alpha * r).to(h.dtype)
+        else:
+            row = steer_reference(
+                h[i][None, None], r, alpha, positions=torch.zeros(1, dtype=torch.long)
+            )
+            h[i] = row[0, 0]
+    return h, res

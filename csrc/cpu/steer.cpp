@@ -244,4 +244,15 @@ void steer_cpu(const SteerArgs& a) {
   });
 }
 
+void steer_tokens_cpu(const SteerTokensArgs& a) {
+  steer_tokens_check_args(a);
+  dispatch_float(a.dtype, "hidden", [&](auto tag) {
+    using Tag = decltype(tag);
+#if defined(UNLOCK_STEER_AVX2)
+    if (use_avx2()) return avx2::steer_token_rows<Tag>(a);
+#endif
+    base::steer_token_rows<Tag>(a);
+  });
+}
+
 }  // namespace unlock

@@ -2,7 +2,6 @@
 // in 16-byte packs (4 fp32 or 8 fp16/bf16 values) where the layout allows it, and the three
 // dot products |h|², h·r and |r|² come from one pass and one fused block reduction; a second
 // pass writes the combination. No host synchronisation.
-#include <cassert>
 #include <cstdint>
 
 #include "unlock/cuda_utils.h"
@@ -98,13 +97,10 @@ __global__ void __launch_bounds__(kThreads) steer_kernel(SteerArgs a) {
   if (a.positions) {
     b = blockIdx.x;
     s = a.positions[b];
-    // The CPU backend raises for such a position before any row changes; here it is a
-    // device-side assertion (reported at the next synchronisation), never a silent skip.
-    if (s < -1 || s >= a.seq) {
-      __assert_fail("steer: every position must lie in [-1, S) (-1 leaves the row alone)",
-                    __FILE__, __LINE__, __func__);
-    }
-    if (s < 0) return;
+    // The public entry point checks the positions before launch; one outside [-1, S) that
+    // reaches the kernel all the same leaves its row alone (an assertion here would poison the
+    // process's CUDA context).
+    if (s < 0 || s >= a.seq) return;
   } else {
     b = blockIdx.x / a.seq;
     s = blockIdx.x - b * a.seq;
@@ -161,6 +157,56 @@ __global__ void __launch_bounds__(kThreads) steer_kernel(SteerArgs a) {
   }
 }
 
+// One block per row of SteerTokensArgs; element-wise loads (the rows steered per step are
+// few, and the rows not steered return after reading their slot).
+template <class Tag>
+__global__ void __launch_bounds__(kThreads) steer_tokens_kernel(SteerTokensArgs a) {
+  using T = typename Tag::storage;
+  __shared__ float s_dots[kWarps][3], s_uu[kWarps];
+  const int64_t i = blockIdx.x;
+  const int32_t slot = a.slots[i];
+  if (slot < 0 || slot >= a.num_slots) return;
+  T* h = static_cast<T*>(a.hidden) + i * a.hidden_stride;
+  if (a.residual) {
+    T* res = static_cast<T*>(a.residual) + i * a.residual_stride;
+    for (int64_t j = threadIdx.x; j < a.dim; j += kThreads) {
+      h[j] = Tag::store(__fadd_rn(Tag::load(h[j]), Tag::load(res[j])));
+      res[j] = Tag::store(0.f);
+    }
+    __syncthreads();
+  }
+  const float* r = a.table + (static_cast<int64_t>(slot) * a.layers + a.layer) * a.dim;
+  const float alpha = a.alphas[i];
+  if (a.modes[i] == static_cast<uint8_t>(SteerMode::kAdd)) {
+    for (int64_t j = threadIdx.x; j < a.dim; j += kThreads) {
+      h[j] = Tag::store(__fadd_rn(Tag::load(h[j]), __fmul_rn(alpha, r[j])));
+    }
+    return;
+  }
+  Dots acc{0.f, 0.f, 0.f};
+  for (int64_t j = threadIdx.x; j < a.dim; j += kThreads) {
+    const float v = Tag::load(h[j]), w = r[j];
+    acc.hh = fmaf(v, v, acc.hh);
+    acc.hr = fmaf(v, w, acc.hr);
+    acc.rr = fmaf(w, w, acc.rr);
+  }
+  const Dots t = block_sum3(acc, s_dots);
+  const RotateCoefs c = steer_rotate_coefs(t.hh, t.rr, alpha);
+  float uu = steer_rotate_uu(t.hh, t.hr, t.rr, c);
+  if (uu < 0.f) {
+    uu = 0.f;
+    for (int64_t j = threadIdx.x; j < a.dim; j += kThreads) {
+      const float u = steer_rotate_dir(Tag::load(h[j]), r[j], c);
+      uu = fmaf(u, u, uu);
+    }
+    uu = block_sum(uu, s_uu);
+  }
+  const SteerCombine k = steer_rotate_combine(c, steer_rotate_scale(t.hh, uu));
+  for (int64_t j = threadIdx.x; j < a.dim; j += kThreads) {
+    h[j] = Tag::store(steer_apply(Tag::load(h[j]), r[j], k));
+  }
+}
+
 bool aligned(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % kPackBytes == 0; }
 
 // Whether every row start of hidden and of the vector is 16-byte aligned and d is a whole
@@ -191,6 +237,19 @@ void steer_cuda(const SteerArgs& a, int device, std::uintptr_t stream_handle) {
     }
   });
   UNLOCK_CUDA_LAUNCHED("steer_kernel");
+}
+
+void steer_tokens_cuda(const SteerTokensArgs& a, int device, std::uintptr_t stream_handle) {
+  steer_tokens_check_args(a);
+  if (a.rows == 0) return;
+  UNLOCK_CHECK_ARG(a.rows <= 0x7fffffff, "steer_tokens: too many rows for one launch");
+  cuda::DeviceGuard guard(device);
+  cudaStream_t stream = cuda::as_stream(stream_handle);
+  dispatch_float(a.dtype, "hidden", [&](auto tag) {
+    using Tag = decltype(tag);
+    steer_tokens_kernel<Tag><<<static_cast<unsigned>(a.rows), kThreads, 0, stream>>>(a);
+  });
+  UNLOCK_CUDA_LAUNCHED("steer_tokens_kernel");
 }
 
 }  // namespace unlock

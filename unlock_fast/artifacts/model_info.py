@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..layers import (
     decoder_layers,
-    fingerprint_matches,
     hidden_size,
+    legacy_model_fingerprint,
     model_fingerprint,
     model_name,
 )
@@ -27,16 +27,24 @@ class ModelInfo:
     fingerprint: str
     hidden_size: int
     num_layers: int
+    # The model's fingerprint in the first format, which keys saved with it carry; known
+    # only for a ModelInfo taken from a model, never saved.
+    legacy_fingerprint: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, model: nn.Module, layer_path: str | None = None) -> ModelInfo:
         # The blocks first: a model whose blocks can't be found gets the layer_path= hint.
         num_layers = len(decoder_layers(model, layer_path))
+        try:
+            legacy: str | None = legacy_model_fingerprint(model)
+        except ValueError:
+            legacy = None
         return cls(
             name=model_name(model),
             fingerprint=model_fingerprint(model, layer_path),
             hidden_size=hidden_size(model, layer_path),
             num_layers=num_layers,
+            legacy_fingerprint=legacy,
         )
 
     @classmethod
@@ -57,7 +65,12 @@ class ModelInfo:
         )
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+        }
 
     def check(
         self,
@@ -66,9 +79,11 @@ class ModelInfo:
         what: str,
         layer_path: str | None = None,
         check_fingerprint: bool = True,
+        override: str = "pass check_fingerprint=False",
     ) -> None:
         """Raise ValueError unless ``model`` (or its ModelInfo) has these shapes (and this
-        fingerprint)."""
+        fingerprint, in either format). ``override`` tells the caller's user how to skip the
+        fingerprint check (a CLI names its flag)."""
         got = model if isinstance(model, ModelInfo) else ModelInfo.of(model, layer_path)
         if got.hidden_size != self.hidden_size or got.num_layers != self.num_layers:
             raise ValueError(
@@ -76,12 +91,10 @@ class ModelInfo:
                 f"{self.num_layers} layers) but the model given is {got.name} (hidden size "
                 f"{got.hidden_size}, {got.num_layers} layers)"
             )
-        legacy = isinstance(model, nn.Module) and fingerprint_matches(
-            self.fingerprint, model, layer_path
-        )  # an artifact saved with the earlier fingerprint format
-        if check_fingerprint and got.fingerprint != self.fingerprint and not legacy:
+        # An artifact saved with the earlier fingerprint format carries that one.
+        if check_fingerprint and self.fingerprint not in (got.fingerprint, got.legacy_fingerprint):
             raise ValueError(
                 f"{what} was made for {self.name} (config fingerprint {self.fingerprint}) but "
-                f"the model given is {got.name} (config fingerprint {got.fingerprint}); pass "
-                "check_fingerprint=False if the configs differ only in ways that do not matter"
+                f"the model given is {got.name} (config fingerprint {got.fingerprint}); "
+                f"{override} if the configs differ only in ways that do not matter"
             )

@@ -6,10 +6,10 @@ see :mod:`.library`).
 """
 
 from .core import backends
-from .library import moments_accumulate_op, steer_op
+from .library import moments_accumulate_op, steer_op, steer_tokens_op
 from .moments import MOMENTS_PRECISIONS, moments_accumulate_
 from .rsvd import eigh_topk, svd_topk
-from .steer import steer_, steer_unchecked_
+from .steer import steer_, steer_tokens_, steer_unchecked_
 
 __all__ = [
     "backends",
@@ -19,6 +19,8 @@ __all__ = [
     "moments_accumulate_op",
     "steer_",
     "steer_op",
+    "steer_tokens_",
+    "steer_tokens_op",
     "steer_unchecked_",
     "svd_topk",
 ]

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from .moments import check_precision, moments_accumulate_
-from .steer import steer_
+from .steer import steer_, steer_tokens_
 
-__all__ = ["moments_accumulate_op", "steer_op"]
+__all__ = ["moments_accumulate_op", "steer_op", "steer_tokens_op"]
 
 
 @torch.library.custom_op("unlock_fast::steer_", mutates_args=("hidden",))
@@ -50,6 +50,36 @@ def _steer_fake(
     del vector, alpha, positions, mask, steer_mode
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, S, d], got {list(hidden.shape)}")
+
+
+@torch.library.custom_op("unlock_fast::steer_tokens_", mutates_args=("hidden", "residual"))
+def steer_tokens_op(
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    table: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+    alphas: torch.Tensor,
+    modes: torch.Tensor,
+) -> None:
+    """:func:`~unlock_fast.ops.steer_tokens_` as an operator: the serving engine's steering,
+    one node per layer inside a compiled (and CUDA-graph captured) forward."""
+    steer_tokens_(hidden, residual, table, layer, slots, alphas, modes)
+
+
+@steer_tokens_op.register_fake
+def _steer_tokens_fake(
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    table: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+    alphas: torch.Tensor,
+    modes: torch.Tensor,
+) -> None:
+    del residual, table, layer, slots, alphas, modes
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must have shape [N, d], got {list(hidden.shape)}")
 
 
 @torch.library.custom_op(

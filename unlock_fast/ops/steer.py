@@ -20,7 +20,7 @@ from .core import (
     dtype_names,
 )
 
-__all__ = ["STEER_MODES", "kernel_operands", "steer_", "steer_unchecked_"]
+__all__ = ["STEER_MODES", "kernel_operands", "steer_", "steer_tokens_", "steer_unchecked_"]
 
 # mode codes of csrc/include/unlock/steer.h (enum class SteerMode)
 STEER_MODES = {"rotate": 0, "add": 1}
@@ -53,11 +53,10 @@ def steer_(
     finite; d must be at least 1 (B = 0 or S = 0 is a no-op), and hidden's memory must not
     overlap itself (an ``expand()``ed tensor would be steered several times in place).
 
-    A position outside [-1, S) is an error on both backends, never clamped or skipped: on
-    the CPU it raises ValueError before anything changes; on CUDA, where the call is
-    asynchronous and reading the positions would need a host sync, the kernel stops with a
-    device-side assertion that CUDA reports at the next synchronisation (as it does torch's
-    own out-of-range indices; the CUDA context is unusable after it).
+    A position outside [-1, S) is a ValueError raised before anything changes, never
+    clamped or skipped: the CPU kernel checks it; on CUDA this function checks it before
+    the launch (one host synchronisation; :func:`steer_unchecked_` skips it for positions
+    that are valid by construction).
     Writes outside autograd: call it with grad disabled, or on tensors that need no grad.
     """
     # The checks are written inline: this op runs once per layer per forward pass.
@@ -121,6 +120,8 @@ def steer_(
             raise ValueError(f"positions is on {p.device}, but hidden is on {h.device}")
         if not p.is_contiguous():
             p = p.contiguous()
+        if where >= 0 and b and bool(((p < -1) | (p >= s)).any()):  # host sync, CUDA only
+            raise ValueError(f"positions must lie in [-1, {s}), got {p.tolist()}")
         sel = (p.data_ptr(), 0, 0, 0)
     else:
         m = mask if type(mask) is torch.Tensor else as_tensor(mask, "mask")
@@ -214,3 +215,76 @@ def steer_unchecked_(
             cuda_stream(hidden.device),
         )
     return hidden
+
+
+def steer_tokens_(
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    table: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+    alphas: torch.Tensor,
+    modes: torch.Tensor,
+) -> None:
+    """Steer the rows of a serving engine's flattened batch in place, each its own way.
+
+    hidden: [N, d] fp32/fp16/bf16, last dimension contiguous; residual: None or like hidden
+    (the stream is then hidden + residual: the steered sum goes into hidden and the residual
+    row becomes 0). table: fp32 [K, L, d] contiguous, the keys' vectors by slot and layer.
+    slots (int32), alphas (fp32) and modes (uint8, :data:`STEER_MODES` codes): [M >= N],
+    contiguous, the per-row buffers; row i is steered with ``table[slots[i], layer]`` when
+    ``0 <= slots[i] < K`` and left alone otherwise (-1: not steered). All on one device.
+    Nothing here reads the buffers' contents, so the call never synchronises with the
+    device and can be captured in a CUDA graph.
+    """
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must have shape [N, d], got {list(hidden.shape)}")
+    n, d = hidden.shape
+    code = ACTIVATION_CODES.get(hidden.dtype)
+    if code is None:
+        raise TypeError(
+            f"hidden must have dtype {dtype_names(ACTIVATION_DTYPES)}, got {hidden.dtype}"
+        )
+    if hidden.stride(1) != 1 and d > 1:
+        raise ValueError(
+            f"hidden's last dimension must be contiguous, got strides {hidden.stride()}"
+        )
+    if residual is not None and (
+        residual.shape != hidden.shape
+        or residual.dtype != hidden.dtype
+        or (residual.stride(1) != 1 and d > 1)
+    ):
+        raise ValueError(
+            f"residual must be like hidden ({list(hidden.shape)}, {hidden.dtype}, last dimension "
+            f"contiguous), got {list(residual.shape)}, {residual.dtype}"
+        )
+    if table.dim() != 3 or table.shape[2] != d or table.dtype != torch.float32:
+        raise ValueError(
+            f"table must be float32 [K, L, {d}], got {table.dtype} {list(table.shape)}"
+        )
+    if not table.is_contiguous():
+        raise ValueError("table must be contiguous")
+    if not 0 <= layer < table.shape[1]:
+        raise ValueError(f"layer must lie in [0, {table.shape[1]}), got {layer}")
+    for name, t, dt in (("slots", slots, torch.int32), ("alphas", alphas, torch.float32),
+                        ("modes", modes, torch.uint8)):  # fmt: skip
+        if t.dtype != dt or t.dim() != 1 or t.shape[0] < n or not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous {dt} vector of at least {n} rows, got "
+                f"{t.dtype} {list(t.shape)}"
+            )
+    tensors = (hidden, table, slots, alphas, modes) + (() if residual is None else (residual,))
+    if any(t.device != hidden.device for t in tensors):
+        raise ValueError(f"every tensor must be on {hidden.device}")
+    if n == 0:
+        return
+    args = (
+        *(hidden.data_ptr(), 0 if residual is None else residual.data_ptr(), code, n, d),
+        *(hidden.stride(0), 0 if residual is None else residual.stride(0)),
+        *(table.data_ptr(), table.shape[0], table.shape[1], int(layer)),
+        *(slots.data_ptr(), alphas.data_ptr(), modes.data_ptr()),
+    )
+    if hidden.is_cpu:
+        core_module().steer_tokens_cpu(*args)
+    elif backend_of(hidden.device) == "cuda":
+        core_module().steer_tokens_cuda(*args, hidden.get_device(), cuda_stream(hidden.device))

@@ -7,6 +7,9 @@ mixed with other requests' decode tokens. The rules match :func:`unlock_fast.ste
 
 - ``last_prompt``: the row at position P - 1 (P = prompt length), in the step that computes it;
 - ``prompt``: rows at positions < P;  ``generated``: rows at positions >= P;  ``all``: every row.
+
+A step's plan is three host arrays, one entry per row (key slot, -1 for none; alpha; mode
+code), that the worker copies into the model's persistent buffers in one go.
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
-from ..ops.steer import kernel_operands
+from ..ops.steer import STEER_MODES
 from .requests import UnlockRequest
 
-__all__ = ["ScheduledRequest", "SteerGroup", "plan_step", "rows_to_steer"]
+__all__ = ["ScheduledRequest", "fill_step", "rows_to_steer"]
 
 
 @dataclass(frozen=True)
@@ -31,17 +34,6 @@ class ScheduledRequest:
     num_prompt: int
     start: int
     end: int
-
-
-@dataclass
-class SteerGroup:
-    """Rows steered alike at one layer: the same vector, alpha and rule. For ``add`` the
-    vector is alpha·r and alpha 1, so that h + (alpha·r) rounds as the HF hooks' does."""
-
-    rows: torch.Tensor  # [n] long, on the model's device
-    vector: torch.Tensor  # [d] float32
-    alpha: float
-    mode: str
 
 
 def rows_to_steer(r: ScheduledRequest) -> range:
@@ -59,24 +51,27 @@ def rows_to_steer(r: ScheduledRequest) -> range:
     return range(r.start, r.end)
 
 
-def plan_step(
+def fill_step(
     scheduled: Sequence[ScheduledRequest],
-    keys: Mapping[str, Mapping[int, torch.Tensor]],
-    device: torch.device,
-) -> dict[int, list[SteerGroup]]:
-    """{layer: groups} for this step; requests whose key is not in ``keys`` are skipped."""
-    grouped: dict[tuple[str, float, str], list[int]] = {}
+    slot_of: Mapping[str, int],
+    slots: np.ndarray,
+    alphas: np.ndarray,
+    modes: np.ndarray,
+) -> int:
+    """Write the slot, alpha and mode of every row the step steers into the host arrays
+    (which the caller has set to -1 beforehand); returns one past the last row written (0:
+    nothing steered). Requests whose key has no slot are skipped."""
+    end = 0
     for r in scheduled:
-        if r.request is None or r.request.key not in keys:
+        slot = slot_of.get(r.request.key) if r.request is not None else None
+        if slot is None:
             continue
-        steered = rows_to_steer(r)
-        if steered:
-            grouped.setdefault((r.request.key, r.request.alpha, r.request.mode), []).extend(steered)
-    plan: dict[int, list[SteerGroup]] = {}
-    for (name, alpha, mode), rows in grouped.items():
-        idx = torch.tensor(rows, dtype=torch.long, device=device)
-        for layer, vec in keys[name].items():
-            plan.setdefault(layer, []).append(
-                SteerGroup(idx, *kernel_operands(vec, alpha, mode), mode)
-            )
-    return plan
+        rows = rows_to_steer(r)
+        if not rows:
+            continue
+        assert r.request is not None
+        slots[rows.start : rows.stop] = slot
+        alphas[rows.start : rows.stop] = r.request.alpha
+        modes[rows.start : rows.stop] = STEER_MODES[r.request.mode]
+        end = max(end, rows.stop)
+    return end

@@ -113,6 +113,44 @@ inline void steer_check_args(const SteerArgs& a) {
                            : byte_range("positions", a.positions, select_span, sizeof(int64_t))});
 }
 
+// Per-token steering for a serving engine: rows [N, d] of a flattened batch, each with its own
+// key slot, alpha and mode, read from persistent buffers so that the launch never depends on
+// the data (no host sync, fixed shapes; capturable in a CUDA graph).
+//
+// Row i with 0 <= slots[i] < num_slots is steered with table[slots[i], layer] (fp32 [d]);
+// any other slot (-1 = none) leaves the row alone, so a step that steers nothing costs one
+// pass over the slots. With a residual ([N, d], the same dtype), the stream is
+// h + residual: it is rounded to the dtype, steered into hidden, and the residual row is
+// zeroed (hidden + residual then equals the steered stream exactly). add computes
+// h + fl(alpha * r) with two roundings, as torch's `h + alpha * r` and the add of steer_.
+struct SteerTokensArgs {
+  void* hidden = nullptr;    // [N, d], last dim contiguous
+  void* residual = nullptr;  // [N, d] or null
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0, dim = 0;
+  int64_t hidden_stride = 0, residual_stride = 0;  // elements between rows
+  const float* table = nullptr;                    // [num_slots, layers, d] contiguous
+  int64_t num_slots = 0, layers = 0, layer = 0;
+  const int32_t* slots = nullptr;  // [>= N]
+  const float* alphas = nullptr;   // [>= N]
+  const uint8_t* modes = nullptr;  // [>= N], SteerMode codes
+};
+
+inline void steer_tokens_check_args(const SteerTokensArgs& a) {
+  UNLOCK_CHECK_ARG(a.hidden && a.table && a.slots && a.alphas && a.modes,
+                   "steer_tokens: hidden, table, slots, alphas and modes are required");
+  UNLOCK_CHECK_ARG(a.rows >= 0 && a.dim > 0, "steer_tokens: hidden must be [N, d] with d >= 1");
+  UNLOCK_CHECK_ARG(a.num_slots >= 0 && a.layers > 0 && a.layer >= 0 && a.layer < a.layers,
+                   "steer_tokens: layer " + std::to_string(a.layer) + " is outside [0, " +
+                       std::to_string(a.layers) + ")");
+  UNLOCK_CHECK_ARG(a.hidden_stride >= a.dim && (!a.residual || a.residual_stride >= a.dim),
+                   "steer_tokens: rows of hidden and residual must not overlap");
+  const std::size_t hsize = dtype_size(a.dtype);
+  UNLOCK_CHECK_ARG(hsize == 2 || hsize == 4,
+                   std::string("steer_tokens: hidden must be float32, float16 or bfloat16, got ") +
+                       dtype_name(a.dtype));
+}
+
 // A position outside [-1, S) is an error on both backends; nothing is clamped or skipped.
 
 // Raises std::invalid_argument, before touching any row, when a position is outside [-1, S).
@@ -120,10 +158,13 @@ void steer_cpu(const SteerArgs& a);
 
 // Asynchronous on `stream`, no host synchronisation. One block per candidate row, 16-byte
 // loads where the rows and the vector are 16-byte aligned and d is a whole number of packs,
-// and one fused block reduction for |h|², h·r and |r|². A position outside [-1, S) stops the
-// kernel with a device-side assertion before its row is touched (reading the positions on
-// the host would need a device-to-host copy); CUDA reports it at the next synchronisation,
-// as it does torch's own out-of-range indices, and the CUDA context is unusable after it.
+// and one fused block reduction for |h|², h·r and |r|². The Python entry point checks the
+// positions before launch; a row whose position is outside [-1, S) is left alone here
+// (never a device-side assertion, which would make the process's CUDA context unusable).
 void steer_cuda(const SteerArgs& a, int device, std::uintptr_t stream);
+
+void steer_tokens_cpu(const SteerTokensArgs& a);
+// Asynchronous on `stream`; one block per row, rows with no slot return at once.
+void steer_tokens_cuda(const SteerTokensArgs& a, int device, std::uintptr_t stream);
 
 }  // namespace unlock
