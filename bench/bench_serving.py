@@ -91,11 +91,19 @@ def check(engines: dict[str, Any], prompts: list[dict[str, list[int]]], hf: Any,
     """The answers the timings are about: same tokens unsteered, changed tokens steered,
     and steer()'s tokens where HF runs the same float32 model."""
     new = 16
-    plain = tokens(engines["vanilla"].generate(prompts, params("vanilla", len(prompts), new, alpha), use_tqdm=False))
+    plain = tokens(
+        engines["vanilla"].generate(
+            prompts, params("vanilla", len(prompts), new, alpha), use_tqdm=False
+        )
+    )
     ours = engines["ours"]
-    unsteered = tokens(ours.generate(prompts, params("keys-unused", len(prompts), new, alpha), use_tqdm=False))
+    unsteered = tokens(
+        ours.generate(prompts, params("keys-unused", len(prompts), new, alpha), use_tqdm=False)
+    )
     assert unsteered == plain, "our engine's unsteered tokens differ from vanilla vLLM's"
-    steered = tokens(ours.generate(prompts, params("last_prompt", len(prompts), new, alpha), use_tqdm=False))
+    steered = tokens(
+        ours.generate(prompts, params("last_prompt", len(prompts), new, alpha), use_tqdm=False)
+    )
     changed = sum(a != b for a, b in zip(steered, plain, strict=True))
     assert changed >= len(prompts) // 2, f"steering changed only {changed} of {len(prompts)}"
     matched = None

@@ -158,8 +158,14 @@ def main() -> None:
     print_table(rows, ["run", "ms", "vs_block"])
     write_json(
         f"steer-graph-{args.device}",
-        {"machine": machine(args.device), "shape": sizes, "tokens": n, "dtype": str(dtype),
-         "checks": checks, "rows": rows},  # fmt: skip
+        {
+            "machine": machine(args.device),
+            "shape": sizes,
+            "tokens": n,
+            "dtype": str(dtype),
+            "checks": checks,
+            "rows": rows,
+        },  # fmt: skip
         args.out,
     )
 

@@ -304,7 +304,7 @@ def test_steer_matches_reference(
 )
 def test_steer_out_of_range_positions_raise_and_change_nothing(b, s, bad, at, seed):
     """CPU: a position outside [-1, S) raises before any row changes (CUDA: see
-    test_ops_boundary, a device-side assertion)."""
+    test_ops_boundary, checked before the launch)."""
     g = gen(seed)
     hidden = torch.randn(b, s, 8, generator=g)
     before = hidden.clone()

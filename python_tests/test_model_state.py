@@ -358,7 +358,7 @@ def test_keys_with_the_first_fingerprint_format_still_apply():
     steer(src, key).remove()
 
 
-def test_a_model_info_taken_from_the_model_accepts_what_steer_accepts(tmp_path):
+def test_a_model_info_taken_from_the_model_accepts_what_steer_accepts():
     """The server checks keys against a ModelInfo (vLLM's model, or a meta skeleton of the
     config), not the HF model: an old-format key that steer() takes passes there too, and a
     CLI's refusal names its own flag."""
