@@ -4,7 +4,7 @@ Model: SmolLM2-135M-Instruct (the shipped GGUF, converted once), float32 and bfl
 dtype three engines live side by side: vanilla vLLM with its default settings (compiled),
 vanilla vLLM forced eager, and ours (``steered_llm``: compiled, with 32 keys loaded). Each
 round runs every condition once, in the same order, at batch 1 and batch 32 (arithmetic
-word problems, ~60-token prompts, 64 new tokens, greedy, EOS ignored):
+word problems in SmolLM2's chat template, ~60-token prompts, 64 new tokens, greedy, EOS ignored):
 
 - ``vanilla``: vanilla vLLM, default settings (the baseline of every ratio);
 - ``vanilla-eager``: vanilla vLLM with ``enforce_eager=True``;
@@ -173,6 +173,12 @@ def run_dtype(dtype: str, args: argparse.Namespace, folder: str, hf: Any, prompt
     return rows
 
 
+def _ids(tok: Any, chat: list[dict[str, str]]) -> list[int]:
+    ids = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    return [int(i) for i in ids]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -189,7 +195,8 @@ def main() -> None:
     hf.generation_config.eos_token_id = None
     problems = problem_splits({"test": 32}, seed=11)["test"]
     texts = format_prompts([q.question for q in problems], "direct")
-    prompts = [{"prompt_token_ids": tok(t)["input_ids"]} for t in texts]
+    chats = [[{"role": "user", "content": t}] for t in texts]  # as a chat server gets them
+    prompts = [{"prompt_token_ids": _ids(tok, c)} for c in chats]
     lengths = [len(x["prompt_token_ids"]) for x in prompts]
     print(f"prompts: 32, {min(lengths)}-{max(lengths)} tokens", flush=True)
     rows: list[dict[str, Any]] = []

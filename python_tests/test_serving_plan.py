@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
+from unlock_fast import ModelInfo
+from unlock_fast.serving.model import SteeringBuffers
 from unlock_fast.serving.plan import ScheduledRequest, fill_step, rows_to_steer
 from unlock_fast.serving.requests import UnlockRequest, cache_salt, parse_request, unlock_params
+from unlock_fast.serving.worker import UnlockWorkerExtension, _Host, _State
 
 
 def _req(positions: str = "last_prompt", key: str = "k", alpha: float = 0.1) -> UnlockRequest:
@@ -119,3 +124,65 @@ def test_unlock_params_copies_and_sets_extra_args():
     }
     with pytest.raises(ValueError, match="unlock_mode"):
         unlock_params(base, key="cot", mode="spin")
+
+
+def _worker(runner: object, rows: int = 8):
+    """A worker extension over a stand-in runner, with one key in slot 0."""
+    ext = UnlockWorkerExtension()
+    ext.model_runner = runner
+    buffers = SteeringBuffers(slots=2, layers=3, dim=4, rows=rows)
+    ext._unlock = _State(torch.nn.Linear(1, 1), buffers, ModelInfo("m", "f", 4, 3),
+                         torch.device("cpu"), [_Host.make(rows, False), _Host.make(rows, False)])  # fmt: skip
+    ext._unlock.slot_of["k"] = 0
+    return ext, buffers
+
+
+class _Batch:
+    def __init__(self, ids, computed, prompt):
+        self.req_ids, self.num_reqs = ids, len(ids)
+        self.num_computed_tokens_cpu, self.num_prompt_tokens = computed, prompt
+
+
+class _Runner:
+    def __init__(self, batch, qsl, requests):
+        self.input_batch, self.requests = batch, requests
+        self.query_start_loc = SimpleNamespace(np=np.array(qsl))
+
+
+def _params(extra):
+    return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))
+
+
+def test_each_step_fills_the_rows_and_clears_what_the_last_step_set():
+    reqs = {"r1": _params({"unlock_key": "k", "unlock_alpha": 0.5, "unlock_positions": "all"}),
+            "r2": _params(None)}  # fmt: skip
+    runner = _Runner(_Batch(["r1", "r2"], [0, 0], [3, 2]), [0, 3, 5], reqs)
+    ext, buffers = _worker(runner)
+    ext._unlock_step(None)
+    assert buffers.slots.tolist() == [0, 0, 0, -1, -1, -1, -1, -1]
+    assert buffers.alphas[:3].tolist() == [0.5] * 3
+    runner.input_batch = _Batch(["r2"], [2], [2])  # r1 finished: nothing steered now
+    runner.query_start_loc = SimpleNamespace(np=np.array([0, 1]))
+    ext._unlock_step(None)
+    assert buffers.slots.tolist() == [-1] * 8
+    ext._unlock_step(None)  # nothing now or before: no copy at all
+    assert ext._unlock.step == 2
+    reqs["r3"] = _params({"unlock_key": "k"})  # the first host buffers again: r1's rows go
+    runner.input_batch = _Batch(["r2", "r3"], [2, 0], [2, 1])
+    runner.query_start_loc = SimpleNamespace(np=np.array([0, 1, 2]))
+    ext._unlock_step(None)
+    assert buffers.slots.tolist() == [-1, 0, -1, -1, -1, -1, -1, -1]
+
+
+def test_a_step_that_cannot_be_planned_is_served_unsteered_and_logged_once(caplog):
+    reqs = {"r1": _params({"unlock_key": "k"})}
+    runner = _Runner(_Batch(["r1"], [0], [3]), [0, 3], reqs)
+    ext, buffers = _worker(runner)
+    ext._unlock_step(None)
+    assert buffers.slots.tolist()[:3] == [-1, -1, 0]
+    del runner.query_start_loc  # a batch layout this module cannot read
+    with caplog.at_level("WARNING", logger="unlock_fast.serving"):
+        ext._unlock_step(None)
+        ext._unlock_step(None)
+    assert buffers.slots.tolist() == [-1] * 8
+    assert len([r for r in caplog.records if "could not be planned" in r.message]) == 1

@@ -298,6 +298,34 @@ def test_engine_in_its_own_process(tiny, monkeypatch):
         gc.collect()
 
 
+def test_tensor_parallel_2_gives_the_tokens_of_steer(tiny, monkeypatch):
+    """Two workers, each with half of every layer's heads: the residual stream they steer is
+    whole on both, so the tokens are those of steer() (and of TP=1)."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per worker
+    engine = steered_llm(
+        tiny["folder"],
+        keys={"a": tiny["root"] / "a", "b": tiny["root"] / "b"},
+        tensor_parallel_size=2,
+        distributed_executor_backend="mp",
+        **ENGINE,
+    )
+    try:
+        assert engine.collective_rpc("unlock_keys") == [["a", "b"], ["a", "b"]]
+        cases = [(45, ("a", 0.8, "rotate", "last_prompt")), (100, ("b", 4.0, "add", "all")),
+                 (30, None)]  # fmt: skip
+        sps = [params() if s is None else
+               unlock_params(params(), key=s[0], alpha=s[1], mode=s[2], positions=s[3])
+               for _, s in cases]  # fmt: skip
+        outs = engine.generate([{"prompt_token_ids": tiny["prompts"][n]} for n, _ in cases], sps)
+        for (n, steering), out in zip(cases, outs, strict=True):
+            want = hf_tokens(tiny, tiny["prompts"][n], steering)
+            assert list(out.outputs[0].token_ids) == want, (n, steering)
+    finally:
+        del engine
+        gc.collect()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -52,22 +52,22 @@ def _steer_fake(
         raise ValueError(f"hidden must have shape [B, S, d], got {list(hidden.shape)}")
 
 
-@torch.library.custom_op("unlock_fast::steer_tokens_", mutates_args=("hidden", "residual"))
-def steer_tokens_op(
-    hidden: torch.Tensor,
-    residual: torch.Tensor | None,
-    table: torch.Tensor,
-    layer: int,
-    slots: torch.Tensor,
-    alphas: torch.Tensor,
-    modes: torch.Tensor,
-) -> None:
-    """:func:`~unlock_fast.ops.steer_tokens_` as an operator: the serving engine's steering,
-    one node per layer inside a compiled (and CUDA-graph captured) forward."""
-    steer_tokens_(hidden, residual, table, layer, slots, alphas, modes)
+# The serving op runs once per decoder block per engine step, so it is declared with the
+# low-level Library API: a call costs the dispatcher and the checked entry point (~15 µs on
+# a CPU here), where a ``custom_op`` wrapper costs ~65 µs.
+_LIB = torch.library.Library("unlock_fast", "FRAGMENT")
+_LIB.define(
+    "steer_tokens_(Tensor(a!) hidden, Tensor(b!)? residual, Tensor table, int layer, "
+    "Tensor slots, Tensor alphas, Tensor modes) -> ()"
+)
+for _key in ("CPU", "CUDA"):
+    _LIB.impl("steer_tokens_", steer_tokens_, _key)
+steer_tokens_op = torch.ops.unlock_fast.steer_tokens_
+""":func:`~unlock_fast.ops.steer_tokens_` as an operator: the serving engine's steering, one
+node per decoder block inside a compiled (and CUDA-graph captured) forward."""
 
 
-@steer_tokens_op.register_fake
+@torch.library.register_fake("unlock_fast::steer_tokens_")
 def _steer_tokens_fake(
     hidden: torch.Tensor,
     residual: torch.Tensor | None,
