@@ -131,8 +131,9 @@ def _worker(runner: object, rows: int = 8):
     ext = UnlockWorkerExtension()
     ext.model_runner = runner
     buffers = SteeringBuffers(slots=2, layers=3, dim=4, rows=rows)
-    ext._unlock = _State(torch.nn.Linear(1, 1), buffers, ModelInfo("m", "f", 4, 3),
-                         torch.device("cpu"), [_Host.make(rows, False), _Host.make(rows, False)])  # fmt: skip
+    hosts = [_Host.make(rows, False), _Host.make(rows, False)]
+    info = ModelInfo("m", "f", 4, 3)
+    ext._unlock = _State(torch.nn.Linear(1, 1), buffers, info, torch.device("cpu"), hosts)
     ext._unlock.slot_of["k"] = 0
     return ext, buffers
 
