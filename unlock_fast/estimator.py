@@ -245,12 +245,15 @@ def _side(
         raise _NonFinite
     if r.shape[0] > r.shape[1]:
         lam, vec, floor = _eigenpairs(r.T @ r, k, floor_of, solver)
-    else:
-        lam, u = _dense(r @ r.T, min(k, r.shape[0]), solver.seed)
-        vec = r.T @ u.to(r)
-        vec /= vec.norm(dim=0).clamp_min(torch.finfo(vec.dtype).tiny)
-        floor = floor_of(float(lam[0]))
-    return lam, vec, floor, r @ vec.to(r)
+        return lam, vec, floor, r @ vec.to(r)
+    kernel = r @ r.T
+    lam, u = _dense(kernel, min(k, r.shape[0]), solver.seed)
+    u = u.to(r)
+    vec = r.T @ u
+    norms = vec.norm(dim=0)
+    scale = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(r.dtype).tiny), 0.0)
+    vec *= scale
+    return lam, vec, floor_of(float(lam[0])), (kernel @ u) * scale  # R E = K U / |Rᵀ U|
 
 
 def _resolve(

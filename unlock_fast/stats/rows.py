@@ -35,6 +35,7 @@ class RowStore:
         self.ys: list[torch.Tensor] = []
         self.ws: list[torch.Tensor | None] = []
         self.n = 0
+        self._sums: dict[str, tuple[tuple[object, ...], torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return self.n
@@ -61,7 +62,7 @@ class RowStore:
             yield x, (self.ys[i] if self.ys else None), self.ws[i]
 
     def clear(self) -> None:
-        self.xs, self.ys, self.ws, self.n = [], [], [], 0
+        self.xs, self.ys, self.ws, self.n, self._sums = [], [], [], 0, {}
 
     def dtype(self, which: str) -> torch.dtype:
         """The dtype every chunk of ``which`` converts to without loss."""
@@ -106,10 +107,17 @@ class RowStore:
         return r
 
     def weighted_sum(self, which: str, shift: torch.Tensor) -> torch.Tensor:
-        """Σ w·(row - shift), float64 [d]."""
+        """Σ w·(row - shift), float64 [d]; kept until a row arrives or the shift changes."""
+        hit = self._sums.get(which)
+        if hit is not None:
+            n, held, version = hit[0]
+            if n == self.n and held is shift and version == shift._version:
+                return hit[1]
         r = self.matrix(which, torch.float64) - shift.double()
         w = self.weights(torch.float64)
-        return r.sum(0) if w is None else w @ r
+        out = r.sum(0) if w is None else w @ r
+        self._sums[which] = ((self.n, shift, shift._version), out)
+        return out
 
 
 def gather_rows(
