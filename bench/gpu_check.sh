@@ -3,7 +3,7 @@
 # run the kernel tests on CPU and CUDA and every CUDA-marked test of the suite (the hooks on
 # a CUDA model, the dense SVD/eigh paths), run the CUDA benchmarks, and write what was seen
 # (device named) under $OUT (default bench/results/gpu): gpu_check.json (summary),
-# gpu_check.log, build.log, pytest.xml and one JSON per benchmark (9 files, one folder).
+# gpu_check.log, build.log, pytest.xml and one JSON per benchmark (10 files, one folder).
 # Meant for a machine with an NVIDIA GPU, nvcc, torch with CUDA, and the nvidia-cublas /
 # nvidia-cusolver wheels (or a full CUDA toolkit).
 #
@@ -128,6 +128,8 @@ bench moments 60 bench/bench_moments.py
 bench moments-buffer 45 bench/bench_moments_buffer.py --dims 4096 --blocks 1024
 bench steer 60 bench/bench_steer.py
 bench rsvd 90 bench/bench_rsvd.py --d 8192 --k 256
+# the paper's shapes: Qwen1.5-14B -> 7B widths (d = 5120/4096), one block each, N up to 4096
+bench scale 120 bench/bench_scale.py --repeats 1
 bench eigh-threshold 90 bench/bench_eigh_threshold.py --repeats 3
 [ "$bench_rc" -eq 0 ] || status=1
 
