@@ -66,6 +66,18 @@ def test_the_row_form_decomposes_the_kernel_when_rows_outnumber_a_width():
     assert rel(dense_map(got), per_sample_map(hs, ht, 40)) <= 1e-7
 
 
+def test_a_rank_from_kept_rows_does_not_depend_on_the_other_ranks():
+    # N = 600 rows: rank 8 alone forms one block of 256 columns, with rank 300 beside it two
+    hs, ht = paired(600, 1024, 768)
+    m = filled(hs, ht, 10**6)
+    kw = {"centered": False, "ridge": 0.0}
+    together = fit_factors([m], [8, 300], **kw)
+    alone = fit_factors([m], [8], **kw)[8]
+    for name in ("source_basis", "core", "target_basis", "eigenvalues"):
+        assert torch.equal(getattr(alone, name), getattr(together[8], name)), name
+    assert rel(dense_map(together[300]), per_sample_map(hs, ht, 300)) <= 1e-7
+
+
 @pytest.mark.parametrize("centered", [False, True])
 def test_ridge_floor_ranks_and_heldout_agree_across_forms(centered):
     hs, ht = paired(150, 96, 80)

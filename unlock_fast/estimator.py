@@ -67,6 +67,8 @@ _EPS64 = torch.finfo(torch.float64).eps
 _AUTO_OVERSAMPLE = 10
 _AUTO_N_ITER = {torch.float64: 0, torch.float32: 1}
 _RANDOMIZED_N_ITER = 4
+# Columns per product when the fit reads kept rows.
+_BLOCK = 256
 
 
 class RankClampedWarning(UserWarning):
@@ -228,13 +230,40 @@ class _NonFinite(Exception):
     """NaN or Inf in the statistics of a layer pair."""
 
 
+def _block_cols(n: int, keep: int) -> int:
+    """How many of n columns to form so that the first ``keep`` are there: whole blocks."""
+    return min(n, -(-keep // _BLOCK) * _BLOCK)
+
+
+def _by_blocks(a: torch.Tensor, b: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """a[:, :rows]ᵀ b[:, :cols], one _BLOCK × _BLOCK product at a time: each block is the
+    same product whatever ``rows`` and ``cols`` are, so a rank's map does not depend on how
+    many columns the other ranks fitted with it needed."""
+    return torch.cat(
+        [
+            torch.cat(
+                [a[:, i : i + _BLOCK].T @ b[:, j : j + _BLOCK] for j in range(0, cols, _BLOCK)],
+                dim=1,
+            )
+            for i in range(0, rows, _BLOCK)
+        ]
+    )
+
+
 def _side(
-    m: Moments, which: str, k: int, floor_of: _FloorFn, solver: _Solver, centered: bool
+    m: Moments,
+    which: str,
+    k: int,
+    floor_of: _FloorFn,
+    solver: _Solver,
+    centered: bool,
+    keep: int,
 ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
-    """(eigenvalues, eigenvectors E [d, k], floor, R E or None) of the Gram of ``which``
-    ("x" or "y"), in the statistics' form. From kept rows R (G = RᵀR) with N <= d: the exact
-    eigenpairs of the N×N kernel R Rᵀ = U Λ Uᵀ give G's as Λ and the normalised columns of
-    Rᵀ U; R E is returned so that E_sᵀ G_st E_t = (R_s E_s)ᵀ (R_t E_t) needs no G_st."""
+    """(eigenvalues, eigenvectors E [d, >= keep], floor, R E or None) of the Gram of
+    ``which`` ("x" or "y"), in the statistics' form. From kept rows R (G = RᵀR) with N <= d:
+    the exact eigenpairs of the N×N kernel R Rᵀ = U Λ Uᵀ give G's as Λ and the normalised
+    columns of Rᵀ U, formed only as far as the largest rank needs; R E is returned so that
+    E_sᵀ G_st E_t = (R_s E_s)ᵀ (R_t E_t) needs no G_st."""
     r = m.row_factor(which, centered=centered)
     if r is None:
         g = m.gram(which * 2, centered=centered)
@@ -249,11 +278,13 @@ def _side(
     kernel = r @ r.T
     lam, u = _dense(kernel, min(k, r.shape[0]), solver.seed)
     u = u.to(r)
-    vec = r.T @ u
+    cols = _block_cols(u.shape[1], keep)
+    vec = _by_blocks(r, u, r.shape[1], cols)  # Rᵀ U
     norms = vec.norm(dim=0)
     scale = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(r.dtype).tiny), 0.0)
     vec *= scale
-    return lam, vec, floor_of(float(lam[0])), (kernel @ u) * scale  # R E = K U / |Rᵀ U|
+    proj = _by_blocks(kernel, u, kernel.shape[1], cols) * scale  # R E = K U / |Rᵀ U|
+    return lam, vec, floor_of(float(lam[0])), proj
 
 
 def _resolve(
@@ -344,13 +375,14 @@ def fit_factors(
     for i, m in enumerate(moments):
         how = _resolve(solver, oversample, n_iter, seed, kmax, m.dtype)
         try:
-            lam, es, floor, ps = _side(m, "x", k_s, _FloorFn(m, "xx", eig_rtol), how, centered)
-            _, et, _, pt = _side(m, "y", k_t, _FloorFn(m, "yy", eig_rtol), how, centered)
+            floors = _FloorFn(m, "xx", eig_rtol), _FloorFn(m, "yy", eig_rtol)
+            lam, es, floor, ps = _side(m, "x", k_s, floors[0], how, centered, kmax)
+            _, et, _, pt = _side(m, "y", k_t, floors[1], how, centered, kmax)
             # E_sᵀ G_st E_t
             if ps is None or pt is None:
                 cross = m.bilinear("xy", es, et, centered=centered)
             else:
-                cross = ps.T @ pt
+                cross = _by_blocks(ps, pt, ps.shape[1], pt.shape[1])
             if not bool(torch.isfinite(cross).all()):
                 raise _NonFinite
         except _NonFinite:
