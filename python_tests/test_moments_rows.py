@@ -260,6 +260,28 @@ def test_gram_form_files_still_load(tmp_path: Path):
     assert torch.equal(back.fit(rank=6).matrix(0), stats.fit(rank=6).matrix(0))
 
 
+DATA = Path(__file__).parent / "data"
+
+
+def test_a_file_written_before_the_row_form_loads_and_merges_with_rows():
+    """gram_stats_v0: statistics of 40 rows saved by the release before the row form
+    (its rows beside it, to check against)."""
+    old = AlignmentStats.from_pretrained(DATA / "gram_stats_v0")
+    rows_ = load_file(DATA / "gram_stats_v0_rows.safetensors")
+    hs, ht = rows_["hs"], rows_["ht"]
+    assert old.moments[0].form == "gram"
+    # at 12 x 10 the fp32 factors alone (eps 6e-8) leave ~1e-7: five eps of room
+    assert rel(old.fit(rank=8).matrix(0), per_sample_map(hs, ht, 8)) <= 3e-7
+    g = torch.Generator().manual_seed(1)
+    more = Moments(12, 10, dtype=torch.float64, row_limit=100)
+    more.update(hs[:20] + torch.randn(20, 12, generator=g), ht[:20])
+    old.moments[0].merge(more)
+    both_s = torch.cat([hs, more.row_factor("x")])
+    both_t = torch.cat([ht, more.row_factor("y")])
+    got = old.fit(rank=8, centered=True).matrix(0)
+    assert rel(got, per_sample_map(both_s, both_t, 8, centered=True)) <= 3e-7
+
+
 def test_damaged_row_state_is_refused():
     m = Moments(4, 3, dtype=torch.float64, row_limit=10).update(
         torch.randn(5, 4), torch.randn(5, 3)
@@ -270,6 +292,8 @@ def test_damaged_row_state_is_refused():
         Moments.from_state_dict({**state, "rows_x": torch.zeros(4, 4)})
     with pytest.raises(ValueError, match="over its row_limit"):
         Moments.from_state_dict({**state, "row_limit": 3})
+    with pytest.raises(ValueError, match="negative weights"):
+        Moments.from_state_dict({**state, "weights": -state["weights"]})
     with pytest.raises(ValueError, match="state is missing weights"):
         Moments.from_state_dict({k: v for k, v in state.items() if k != "weights"})
 

@@ -74,5 +74,7 @@ def check_state(state: dict[str, object]) -> State:
             got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"state[{k!r}] must be a tensor of shape {list(shape)}, got {got}")
         tensors[k] = v
+    if form == "rows" and bool((tensors["weights"] < 0).any()):
+        raise ValueError("state['weights'] holds negative weights")
     count, rows = float(state["count"]), int(state["rows"])  # type: ignore[arg-type, call-overload]
     return State(dim_x, dim_y, form, count, rows, row_limit, tensors)
