@@ -58,6 +58,17 @@ def test_both_forms_and_the_switch_give_the_per_sample_map(n, ds, dt, k, spectru
         assert rel(dense_map(got), want) <= 1e-7, (limit, form)
 
 
+def test_statistics_keep_fold_and_fit_on_their_device(device):
+    hs, ht = paired(90, 256, 192)
+    want = per_sample_map(hs, ht, 64, centered=True)
+    for limit, form in ((10**6, "rows"), (45, "gram")):
+        m = filled(hs.to(device), ht.to(device), limit, device=device)
+        assert m.form == form
+        assert m.sum_x.device.type == device
+        got = fit_factors([m], [64], centered=True, ridge=0.0)[64]
+        assert rel(dense_map(got), want) <= 1e-7, form
+
+
 def test_the_row_form_decomposes_the_kernel_when_rows_outnumber_a_width():
     hs, ht = paired(200, 48, 256)  # N > d_s: the Source side forms its Gram from the rows
     m = filled(hs, ht, 10**6)
