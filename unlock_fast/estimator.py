@@ -226,8 +226,8 @@ def _eigenpairs(
     return lam, vec, floor
 
 
-class _NonFinite(Exception):
-    """NaN or Inf in the statistics of a layer pair."""
+class _NonFinite(Exception):  # NaN or Inf in the statistics of a layer pair
+    pass
 
 
 def _block_cols(n: int, keep: int) -> int:
@@ -236,9 +236,8 @@ def _block_cols(n: int, keep: int) -> int:
 
 
 def _by_blocks(a: torch.Tensor, b: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """a[:, :rows]ᵀ b[:, :cols], one _BLOCK × _BLOCK product at a time: each block is the
-    same product whatever ``rows`` and ``cols`` are, so a rank's map does not depend on how
-    many columns the other ranks fitted with it needed."""
+    """a[:, :rows]ᵀ b[:, :cols] by _BLOCK × _BLOCK products, each the same whatever rows
+    and cols are: a rank's map does not depend on the other ranks fitted with it."""
     return torch.cat(
         [
             torch.cat(

@@ -232,10 +232,9 @@ class Moments(MomentsCore):
         t = st.tensors
         first = t["shift_x" if st.form == "rows" else "sum_x"]
         dev = torch.device(device) if device is not None else first.device
-        f64 = first.dtype == torch.float64
+        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         limit = st.row_limit if st.form == "rows" else 0
-        m = cls(st.dim_x, st.dim_y, device=dev, dtype=torch.float64 if f64 else torch.float32,
-                row_limit=limit)  # fmt: skip
+        m = cls(st.dim_x, st.dim_y, device=dev, dtype=dtype, row_limit=limit)
         t = {k: v.to(dev) for k, v in t.items()}
         m.count, m.rows = st.count, st.rows
         if m.rows > 0 or m.count > 0:
