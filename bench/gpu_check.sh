@@ -129,6 +129,8 @@ bench moments-buffer 45 bench/bench_moments_buffer.py --dims 4096 --blocks 1024
 bench steer 60 bench/bench_steer.py
 bench steer-graph 40 bench/bench_steer_graph.py
 bench rsvd 90 bench/bench_rsvd.py --d 8192 --k 256
+# the paper's shapes: Qwen1.5-14B -> 7B widths (d = 5120/4096), one block each, N up to 4096
+bench scale 120 bench/bench_scale.py --repeats 1
 bench eigh-threshold 90 bench/bench_eigh_threshold.py --repeats 3
 [ "$bench_rc" -eq 0 ] || status=1
 

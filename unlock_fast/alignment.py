@@ -108,6 +108,7 @@ class AlignmentAccumulator:
                     self.target.hidden_size,
                     device=x.device,
                     dtype=self.dtype,
+                    row_limit="auto",
                 )
             m.update(x, y)
         self.num_prompts += len(a.indices)
@@ -123,6 +124,7 @@ class AlignmentAccumulator:
                     self.target.hidden_size,
                     device=device or "cpu",
                     dtype=self.dtype,
+                    row_limit="auto",
                 )
             out.append(m)
         return AlignmentStats(

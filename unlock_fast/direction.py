@@ -50,8 +50,13 @@ def _mean_direction(mean: torch.Tensor, _: Moments | None) -> torch.Tensor:
 def _pca_direction(mean: torch.Tensor, diffs: Moments | None) -> torch.Tensor:
     if diffs is None:
         raise ValueError("the pca method needs the covariance of the differences")
-    _, vec = ops.eigh_topk(diffs.gram("xx", centered=True), 1)
-    v = vec[:, 0].to(torch.float64)
+    r = diffs.row_factor("x", centered=True)
+    if r is not None and r.shape[0] < r.shape[1]:  # kept rows: the N×N kernel's top vector
+        _, u = ops.eigh_topk(r @ r.T, 1)
+        v = r.T @ u[:, 0].to(r)
+    else:
+        _, vec = ops.eigh_topk(diffs.gram("xx", centered=True), 1)
+        v = vec[:, 0].to(torch.float64)
     v = v / v.norm().clamp_min(1e-300)
     return -v if float(v @ mean.to(v.device)) < 0 else v
 
@@ -87,7 +92,7 @@ class DirectionAccumulator:
             self.sums[layer] += diff.sum(0, dtype=torch.float64)
             if self.method.needs_covariance:
                 if layer not in self.moments:
-                    self.moments[layer] = Moments(self.dim, device=diff.device)
+                    self.moments[layer] = Moments(self.dim, device=diff.device, row_limit="auto")
                 self.moments[layer].update(diff)
         self.count += n
 
@@ -106,7 +111,7 @@ class DirectionAccumulator:
             for layer in self.layers:
                 m = self.moments.get(layer)
                 if m is None:  # this process had no prompts
-                    m = self.moments[layer] = Moments(self.dim, device=dev)
+                    m = self.moments[layer] = Moments(self.dim, device=dev, row_limit="auto")
                 m.all_reduce(group)
 
     def vectors(self) -> torch.Tensor:

@@ -67,6 +67,8 @@ _EPS64 = torch.finfo(torch.float64).eps
 _AUTO_OVERSAMPLE = 10
 _AUTO_N_ITER = {torch.float64: 0, torch.float32: 1}
 _RANDOMIZED_N_ITER = 4
+# Columns per product when the fit reads kept rows.
+_BLOCK = 256
 
 
 class RankClampedWarning(UserWarning):
@@ -199,7 +201,7 @@ class _FloorFn:
         self.trace_c = m.trace(which, centered=True)
         self.rows = m.rows
         self.dim = m.dim_x if which == "xx" else int(m.dim_y or 0)
-        self.eps = torch.finfo(m.dtype).eps
+        self.eps = m.eps
         self.extra = eig_rtol * self.trace_c
 
     def __call__(self, lam1: float) -> float:
@@ -222,6 +224,66 @@ def _eigenpairs(
         lam, vec = _dense(g, k, solver.seed)
         floor = floor_of(float(lam[0]))
     return lam, vec, floor
+
+
+class _NonFinite(Exception):  # NaN or Inf in the statistics of a layer pair
+    pass
+
+
+def _block_cols(n: int, keep: int) -> int:
+    """How many of n columns to form so that the first ``keep`` are there: whole blocks."""
+    return min(n, -(-keep // _BLOCK) * _BLOCK)
+
+
+def _by_blocks(a: torch.Tensor, b: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """a[:, :rows]ᵀ b[:, :cols] by _BLOCK × _BLOCK products, each the same whatever rows
+    and cols are: a rank's map does not depend on the other ranks fitted with it."""
+    return torch.cat(
+        [
+            torch.cat(
+                [a[:, i : i + _BLOCK].T @ b[:, j : j + _BLOCK] for j in range(0, cols, _BLOCK)],
+                dim=1,
+            )
+            for i in range(0, rows, _BLOCK)
+        ]
+    )
+
+
+def _side(
+    m: Moments,
+    which: str,
+    k: int,
+    floor_of: _FloorFn,
+    solver: _Solver,
+    centered: bool,
+    keep: int,
+) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+    """(eigenvalues, eigenvectors E [d, >= keep], floor, R E or None) of the Gram of
+    ``which`` ("x" or "y"), in the statistics' form. From kept rows R (G = RᵀR) with N <= d:
+    the exact eigenpairs of the N×N kernel R Rᵀ = U Λ Uᵀ give G's as Λ and the normalised
+    columns of Rᵀ U, formed only as far as the largest rank needs; R E is returned so that
+    E_sᵀ G_st E_t = (R_s E_s)ᵀ (R_t E_t) needs no G_st."""
+    r = m.row_factor(which, centered=centered)
+    if r is None:
+        g = m.gram(which * 2, centered=centered)
+        if not bool(torch.isfinite(g).all()):
+            raise _NonFinite
+        return (*_eigenpairs(g, k, floor_of, solver), None)
+    if not bool(torch.isfinite(r).all()):
+        raise _NonFinite
+    if r.shape[0] > r.shape[1]:
+        lam, vec, floor = _eigenpairs(r.T @ r, k, floor_of, solver)
+        return lam, vec, floor, r @ vec.to(r)
+    kernel = r @ r.T
+    lam, u = _dense(kernel, min(k, r.shape[0]), solver.seed)
+    u = u.to(r)
+    cols = _block_cols(u.shape[1], keep)
+    vec = _by_blocks(r, u, r.shape[1], cols)  # Rᵀ U
+    norms = vec.norm(dim=0)
+    scale = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(r.dtype).tiny), 0.0)
+    vec *= scale
+    proj = _by_blocks(kernel, u, kernel.shape[1], cols) * scale  # R E = K U / |Rᵀ U|
+    return lam, vec, floor_of(float(lam[0])), proj
 
 
 def _resolve(
@@ -310,23 +372,29 @@ def fit_factors(
     k_t = kmax if solver == "randomized" else min(n, dt)
     parts: dict[int, dict[str, list[torch.Tensor]]] = {r: {} for r in ranks}  # unique
     for i, m in enumerate(moments):
-        gss = m.gram("xx", centered=centered)
-        gtt = m.gram("yy", centered=centered)
-        gst = m.gram("xy", centered=centered)
-        if not all(bool(torch.isfinite(g).all()) for g in (gss, gtt, gst)):
+        how = _resolve(solver, oversample, n_iter, seed, kmax, m.dtype)
+        try:
+            floors = _FloorFn(m, "xx", eig_rtol), _FloorFn(m, "yy", eig_rtol)
+            lam, es, floor, ps = _side(m, "x", k_s, floors[0], how, centered, kmax)
+            _, et, _, pt = _side(m, "y", k_t, floors[1], how, centered, kmax)
+            # E_sᵀ G_st E_t
+            if ps is None or pt is None:
+                cross = m.bilinear("xy", es, et, centered=centered)
+            else:
+                cross = _by_blocks(ps, pt, ps.shape[1], pt.shape[1])
+            if not bool(torch.isfinite(cross).all()):
+                raise _NonFinite
+        except _NonFinite:
             raise ValueError(
                 f"the statistics of layer pair {i} hold NaN or Inf (non-finite activations "
                 "were accumulated); collect them again"
-            )
-        how = _resolve(solver, oversample, n_iter, seed, kmax, m.dtype)
-        lam, es, floor = _eigenpairs(gss, k_s, _FloorFn(m, "xx", eig_rtol), how)
-        _, et, _ = _eigenpairs(gtt, k_t, _FloorFn(m, "yy", eig_rtol), how)
+            ) from None
         for r in parts:  # the same operations on the same slices, whatever the other ranks
             k = ks[r]
             lk = lam[:k].to(torch.float64)
             esk, etk = es[:, :k], et[:, :k]
             inv = _inverse_eigenvalues(lk, ridge, floor)
-            core = inv[:, None] * ((esk.T @ gst) @ etk).to(torch.float64)  # [k, k]
+            core = inv[:, None] * cross[:k, :k]  # [k, k]
             got = {"es": esk, "core": core, "et": etk, "lam": lk}
             if centered:
                 got.update(ms=m.mean("x"), mt=m.mean("y"))
@@ -364,9 +432,6 @@ def heldout_errors(
         # Residual r_i = y_i - c_t - (x_i - c_s) T splits into its mean δ and the centred
         # part, so SSE = n·|δ|² + tr(C_yy) - 2 tr(Tᵀ C_xy) + tr(Tᵀ C_xx T) with the centred
         # held-out Grams C: no cancellation against the large activation means.
-        cxx = m.gram("xx", centered=True)
-        cyy = m.gram("yy", centered=True)
-        cxy = m.gram("xy", centered=True)
         mx, my = m.mean("x"), m.mean("y")
         if factors.source_mean is not None and factors.target_mean is not None:
             cs = factors.source_mean[i].to(dev, f64)
@@ -374,9 +439,9 @@ def heldout_errors(
         else:
             cs, ct = torch.zeros_like(mx), torch.zeros_like(my)
         delta = my - ct - (((mx - cs) @ es) @ core) @ et.T
-        cross = torch.trace(core.T @ (es.T @ cxy @ et))
-        quad = torch.trace((es.T @ cxx @ es) @ core @ core.T)
-        var = float(torch.trace(cyy))
+        cross = torch.trace(core.T @ m.bilinear("xy", es, et, centered=True))
+        quad = torch.trace(m.bilinear("xx", es, es, centered=True) @ core @ core.T)
+        var = m.trace("yy", centered=True)
         sse = max(n * float(delta @ delta) + var - 2 * float(cross) + float(quad), 0.0)
         total = var + n * float(my @ my)
         errs.append(math.sqrt(sse / total) if total > 0 else float("nan"))

@@ -32,17 +32,34 @@ __global__ void fill_panel_kernel(const typename In::storage* __restrict__ src, 
   }
 }
 
-// sum[j] += Σ_i sqrt_w[i] · panel[i, j] in fp32, one thread per column (coalesced over j):
-// the first moments of a 16-bit panel, from the same rounded values as its Grams.
+// sum[j] += Σ_i sqrt_w[i] · panel[i, j] in fp32: the first moments of a 16-bit panel, from
+// the same rounded values as its Grams. A block takes kSumCols columns (coalesced over j);
+// its kSumLanes lanes each sum every kSumLanes-th row, and the lanes are added in a fixed
+// tree, so the result does not depend on scheduling.
+constexpr int kSumCols = 32;
+constexpr int kSumLanes = 32;
+
 template <class Out>
 __global__ void panel_sums_kernel(const typename Out::storage* __restrict__ panel,
                                   const float* __restrict__ sqrt_w, int64_t rows, int64_t cols,
                                   float* __restrict__ sum) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= cols) return;
+  __shared__ float part[kSumLanes][kSumCols + 1];
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
   float acc = 0.f;
-  for (int64_t i = 0; i < rows; ++i) acc += sqrt_w[i] * Out::load(panel[i * cols + j]);
-  sum[j] += acc;
+  if (j < cols) {
+    for (int64_t i = threadIdx.y; i < rows; i += kSumLanes) {
+      acc += sqrt_w[i] * Out::load(panel[i * cols + j]);
+    }
+  }
+  part[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  for (int half = kSumLanes / 2; half > 0; half /= 2) {
+    if (static_cast<int>(threadIdx.y) < half) {
+      part[threadIdx.y][threadIdx.x] += part[threadIdx.y + half][threadIdx.x];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && j < cols) sum[j] += part[0][threadIdx.x];
 }
 
 // Copy the upper triangle of a row-major [d, d] matrix onto its lower triangle, 32x32 tiles.
@@ -81,8 +98,9 @@ void fill(const RowsView& v, int64_t row0, int64_t rows, int64_t cols, const flo
 template <class Out>
 void panel_sums(const typename Out::storage* panel, const float* sqrt_w, int64_t rows,
                 int64_t cols, float* sum, cudaStream_t stream) {
-  const auto blocks = static_cast<unsigned>((cols + kFillThreads - 1) / kFillThreads);
-  panel_sums_kernel<Out><<<blocks, kFillThreads, 0, stream>>>(panel, sqrt_w, rows, cols, sum);
+  const auto blocks = static_cast<unsigned>((cols + kSumCols - 1) / kSumCols);
+  panel_sums_kernel<Out><<<blocks, dim3(kSumCols, kSumLanes), 0, stream>>>(panel, sqrt_w, rows,
+                                                                          cols, sum);
   UNLOCK_CUDA_LAUNCHED("panel_sums_kernel");
 }
 

@@ -108,6 +108,22 @@ __global__ void fix_signs_kernel(T* u, int64_t rows, int64_t k, T* vh, int64_t v
   }
 }
 
+// cuSOLVER's status words: info[0] is written by each call; info[1] keeps the first non-zero
+// one and info[2] the routine that wrote it (an index into kRoutines). getrf's positive info
+// (an exactly zero pivot) is not an error here, as in the CPU backend.
+constexpr int kInfoInts = 3;
+constexpr const char* kRoutines[] = {"getrf", "geqrf", "orgqr", "syevd", "gesvd"};
+enum Routine { kGetrf, kGeqrf, kOrgqr, kSyevd, kGesvd };
+
+__global__ void keep_info_kernel(int* info, int routine) {
+  const int v = info[0];
+  const bool bad = routine == kGetrf ? v < 0 : v != 0;
+  if (bad && info[1] == 0) {
+    info[1] = v;
+    info[2] = routine;
+  }
+}
+
 // ---- typed cuBLAS / cuSOLVER entry points -------------------------------------------------
 // Each checks the status of the library call and raises naming it (e.g. "cusolverDnSsyevd
 // failed with CUSOLVER_STATUS_INVALID_VALUE").
@@ -232,8 +248,23 @@ class CudaOps {
         solver_(cuda::cusolver_handle(stream)) {}
 
   void set_scratch(int64_t lwork, int64_t) { lwork_ = to_int(lwork); }
-  // cuSOLVER's status word (never read: that would need a host sync).
-  void set_info(int* info) { info_ = info; }
+  // cuSOLVER's status words (kInfoInts ints, see keep_info_kernel), cleared here.
+  void set_info(int* info) {
+    info_ = info;
+    UNLOCK_CUDA_CHECK(cudaMemsetAsync(info, 0, kInfoInts * sizeof(int), stream_));
+  }
+  // Raise, as the CPU backend does, when any cuSOLVER call failed or did not converge. Reads
+  // the status on the host: one synchronisation of the stream per decomposition.
+  void check_info() {
+    int host[kInfoInts] = {0, 0, 0};
+    UNLOCK_CUDA_CHECK(cudaMemcpyAsync(host, info_, sizeof(host), cudaMemcpyDeviceToHost, stream_));
+    UNLOCK_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    const int v = host[1];
+    const std::string routine = kRoutines[host[2]];
+    UNLOCK_CHECK(v >= 0, routine + ": invalid argument " + std::to_string(-v));
+    UNLOCK_CHECK(v == 0, routine + " did not converge (info " + std::to_string(v) +
+                             "); does the input hold NaN or Inf?");
+  }
 
   // -- scratch sizes (cuSOLVER buffer queries) --
   int64_t lu_work(int64_t m, int64_t n) {
@@ -246,15 +277,15 @@ class CudaOps {
   int64_t syevd_work(int64_t n) {
     return syevd_size(solver_, to_int(n), static_cast<T*>(nullptr));
   }
-  int64_t syevd_iwork(int64_t) { return 0; }
+  int64_t syevd_iwork(int64_t) { return kInfoInts; }
   int64_t eig_top_w(int64_t d, int64_t) { return d; }
   int64_t eig_top_z(int64_t, int64_t) { return 0; }  // eigenvectors stay in the input copy
   int64_t eig_top_work(int64_t d, int64_t) { return syevd_work(d); }
-  int64_t eig_top_iwork(int64_t, int64_t) { return 0; }
+  int64_t eig_top_iwork(int64_t, int64_t) { return kInfoInts; }
   int64_t svd_work(int64_t m, int64_t n) {
     return gesvd_size(solver_, to_int(m), to_int(n), static_cast<T*>(nullptr));
   }
-  int64_t svd_iwork(int64_t, int64_t) { return 0; }
+  int64_t svd_iwork(int64_t, int64_t) { return kInfoInts; }
 
   // -- operations --
   void gaussian(T* x, int64_t count, uint64_t key) {
@@ -272,21 +303,25 @@ class CudaOps {
 
   void lu_basis(T* y, int64_t m, int64_t n, int* ipiv, T* work) {
     getrf_t(solver_, to_int(m), to_int(n), y, work, ipiv, info_);
+    keep_info(kGetrf);
     lu_basis_kernel<T><<<grid_for(n), kThreads, 0, stream_>>>(y, m, n, ipiv);
     UNLOCK_CUDA_LAUNCHED("lu_basis_kernel");
   }
 
   void qr_q(T* y, int64_t m, int64_t n, T* tau, T* work, T* r) {
     geqrf_t(solver_, to_int(m), to_int(n), y, tau, work, lwork_, info_);
+    keep_info(kGeqrf);
     if (r) {
       upper_kernel<T><<<grid_for(n * n), kThreads, 0, stream_>>>(y, m, n, r);
       UNLOCK_CUDA_LAUNCHED("upper_kernel");
     }
     orgqr_t(solver_, to_int(m), to_int(n), y, tau, work, lwork_, info_);
+    keep_info(kOrgqr);
   }
 
   void syevd(T* b, int64_t n, T* w, T* work, int*) {
     syevd_t(solver_, to_int(n), b, w, work, lwork_, info_);
+    keep_info(kSyevd);
   }
 
   RsvdEigTop<T> eig_top(T* a, int64_t d, int64_t k, T* w, T*, T* work, int* iwork) {
@@ -296,6 +331,7 @@ class CudaOps {
 
   void svd(T* a, int64_t m, int64_t n, T* s, T* u, T* vt, T* work, int*) {
     gesvd_t(solver_, to_int(m), to_int(n), a, s, u, vt, work, lwork_, info_);
+    keep_info(kGesvd);
   }
 
   void copy(int64_t rows, int64_t cols, const T* src, int64_t src_rs, int64_t src_cs, T* dst,
@@ -317,6 +353,11 @@ class CudaOps {
   }
 
  private:
+  void keep_info(Routine routine) {
+    keep_info_kernel<<<1, 1, 0, stream_>>>(info_, routine);
+    UNLOCK_CUDA_LAUNCHED("keep_info_kernel");
+  }
+
   cudaStream_t stream_;
   cublasHandle_t blas_;
   cusolverDnHandle_t solver_;
@@ -344,6 +385,7 @@ void eigh(const RsvdArgs& a, cudaStream_t stream) {
   ops.set_scratch(s.lwork, s.liwork);
   ops.set_info(s.iwork);  // no LAPACK step of the CUDA backend uses an integer workspace
   rsvd_eigh_run<T>(ops, a, s);
+  ops.check_info();
 }
 
 template <class T>
@@ -361,6 +403,7 @@ void svd(const RsvdArgs& a, cudaStream_t stream) {
   ops.set_scratch(s.lwork, s.liwork);
   ops.set_info(s.iwork);
   rsvd_svd_run<T>(ops, a, s);
+  ops.check_info();
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 """How the alignment statistics store their :class:`~unlock_fast.stats.Moments`: tensors
 ``pair{i}.{name}`` in the safetensors file and the scalars in ``unlock.json``, and reading
-them back, checked against what an empty accumulator of the same shapes holds."""
+them back, checked against the tensors a state of that form holds
+(:mod:`unlock_fast.stats.state`): sums and Grams, or the kept rows (any float dtype)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from collections.abc import Sequence
 import torch
 
 from ..stats import Moments
-from .schema import Meta, TensorSpec
+from ..stats.state import state_shapes
+from .schema import FLOAT_DTYPES, FULL_DTYPES, Meta, TensorSpec
 from .store import StoredArtifact
 
 __all__ = ["read_moments", "store_moments"]
@@ -34,21 +36,22 @@ def store_moments(
 
 def read_moments(art: StoredArtifact, pairs: int, dim_x: int, dim_y: int) -> list[Moments]:
     """The ``pairs`` accumulators of Source rows [*, dim_x] and Target rows [*, dim_y] in
-    ``art``; ValueError naming the file and the entry when anything is off."""
+    ``art``, each in the form it was saved in (sums and Grams, or kept rows); ValueError
+    naming the file and the entry when anything is off."""
     states = art.meta.sections("moments")
     if len(states) != pairs:
         raise art.meta.error(f"entry 'moments' has {len(states)} entries for {pairs} layer pairs")
-    # What one pair's state holds, from an empty accumulator of these shapes.
-    template = Moments(dim_x, dim_y, device="meta").state_dict()
-    names = sorted(k for k, v in template.items() if isinstance(v, torch.Tensor))
+    shapes = [state_shapes(dim_x, dim_y, *_form(small)) for small in states]
     spec = {
-        f"pair{i}.{k}": TensorSpec(tuple(template[k].shape)) for i in range(pairs) for k in names
+        f"pair{i}.{k}": TensorSpec(shape, FLOAT_DTYPES if k.startswith("rows_") else FULL_DTYPES)
+        for i, names in enumerate(shapes)
+        for k, shape in names.items()
     }
     tensors = art.check_tensors(spec)
     moments = []
     for i, small in enumerate(states):
-        state = _scalars(small, template, dim_x, dim_y)
-        state.update({k: tensors[f"pair{i}.{k}"] for k in names})
+        state = _scalars(small, dim_x, dim_y)
+        state.update({k: tensors[f"pair{i}.{k}"] for k in shapes[i]})
         try:
             moments.append(Moments.from_state_dict(state))
         except (TypeError, ValueError) as e:
@@ -58,25 +61,31 @@ def read_moments(art: StoredArtifact, pairs: int, dim_x: int, dim_y: int) -> lis
     return moments
 
 
-def _scalars(small: Meta, template: dict[str, object], dim_x: int, dim_y: int) -> dict[str, object]:
-    """The non-tensor entries of one Moments state, typed like ``template``'s."""
-    scalars = {k: v for k, v in template.items() if not isinstance(v, torch.Tensor)}
-    extra = sorted(set(small.keys()) - set(scalars))
+def _form(small: Meta) -> tuple[str, int]:
+    """The form of one state and the rows it keeps (0 for the Gram form)."""
+    if "form" not in small:
+        return "gram", 0
+    form = small.string("form", choices=("gram", "rows"))
+    return form, small.integer("held", lo=0) if form == "rows" else 0
+
+
+def _scalars(small: Meta, dim_x: int, dim_y: int) -> dict[str, object]:
+    """The non-tensor entries of one Moments state (a state without ``form`` is the Gram
+    form, as every file written before the row form)."""
+    form = small.string("form", choices=("gram", "rows")) if "form" in small else "gram"
+    allowed = {"dim_x", "dim_y", "count", "rows"}
+    if "form" in small:
+        allowed |= {"form", "held", "row_limit"}
+    extra = sorted(set(small.keys()) - allowed)
     if extra:
         raise small.error(f"unexpected entries {[small.prefix + k for k in extra]}")
-    out: dict[str, object] = {}
-    for k, like in scalars.items():
-        if k in ("dim_x", "dim_y"):
-            want = dim_x if k == "dim_x" else dim_y
-            out[k] = small.integer(k, lo=want, hi=want)
-        elif isinstance(like, bool):
-            out[k] = small.flag(k)
-        elif isinstance(like, int):
-            out[k] = small.integer(k, lo=0)
-        elif isinstance(like, float):
-            out[k] = small.number(k, lo=0.0)
-        elif isinstance(like, str):
-            out[k] = small.string(k, empty=True)
-        else:
-            out[k] = small.raw(k)
+    out: dict[str, object] = {
+        "dim_x": small.integer("dim_x", lo=dim_x, hi=dim_x),
+        "dim_y": small.integer("dim_y", lo=dim_y, hi=dim_y),
+        "count": small.number("count", lo=0.0),
+        "rows": small.integer("rows", lo=0),
+    }
+    if form == "rows":
+        limit = small.integer("row_limit", lo=1)
+        out.update(form=form, row_limit=limit, held=small.integer("held", lo=0, hi=limit))
     return out

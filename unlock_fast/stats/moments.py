@@ -5,6 +5,10 @@ first batch), so centred covariances of residual-stream activations, whose means
 are free of catastrophic cancellation. The sums are fp32 (the compiled kernel) or float64
 (``dtype=torch.float64``); merging, all-reduce and finalisation are in float64. Rows are
 held in a :class:`~.buffer.RowBuffer` and added a block at a time.
+
+With ``row_limit`` > 0 it keeps the rows themselves (:class:`~.rows.RowStore`) while there
+are at most that many, and folds them into the sums when one more arrives: the cheaper of
+the two exact forms for few rows of wide activations. Every read works in either form.
 """
 
 from __future__ import annotations
@@ -14,29 +18,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import ops
-from .buffer import DEFAULT_BUFFER_ROWS, RowBuffer
+from .core import ACCUMULATE_DTYPES, MomentsCore, check_accumulate
 from .rebase import rebased, symmetric
+from .rows import gather_rows
+from .state import check_state
 
 __all__ = ["ACCUMULATE_DTYPES", "Moments", "check_accumulate"]
 
-# The dtypes a Moments can keep its sums in.
-ACCUMULATE_DTYPES = (torch.float32, torch.float64)
 
-_STATE_KEYS = ("shift_x", "sum_x", "gram_xx")
-_STATE_KEYS_Y = ("shift_y", "sum_y", "gram_yy", "gram_xy")
-
-
-def check_accumulate(dtype: object) -> torch.dtype:
-    """``dtype`` if it is one of :data:`ACCUMULATE_DTYPES`, else TypeError naming them."""
-    if not isinstance(dtype, torch.dtype) or dtype not in ACCUMULATE_DTYPES:
-        raise TypeError(
-            f"the accumulation dtype must be torch.float32 or torch.float64, got {dtype!r}"
-        )
-    return dtype
-
-
-class Moments:
+class Moments(MomentsCore):
     """Running moments of rows ``x`` [n, dim_x] and optional paired rows ``y`` [n, dim_y].
 
     With weights w (ones by default) and a shift a fixed at the first batch, the state is
@@ -57,226 +47,14 @@ class Moments:
     full block (0 updates on every call); every read flushes the block first, and
     :meth:`flush` does it by hand. ``count`` and ``rows`` include held rows.
 
+    ``row_limit``: keep up to this many rows as they are (``form`` "rows", O(N·d) memory,
+    nothing rounded) and fold them into the sums when one more arrives (``form`` "gram",
+    O(d²)); "auto" folds when the rows would take as many values as the Grams,
+    N·(d_x + d_y) >= d_x² + d_y² + d_x·d_y; 0 (the default) sums from the start.
+
     Accumulators with the same dimensions merge exactly (:meth:`merge`, :meth:`all_reduce`),
-    so batches, threads and processes can each hold one. Memory is O(d²), not O(n·d).
+    so batches, threads and processes can each hold one.
     """
-
-    def __init__(
-        self,
-        dim_x: int,
-        dim_y: int | None = None,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        buffer_rows: int = DEFAULT_BUFFER_ROWS,
-        precision: str = "fp32",
-    ) -> None:
-        if isinstance(dim_x, bool) or not isinstance(dim_x, int) or dim_x <= 0:
-            raise ValueError(f"dim_x must be a positive int, got {dim_x!r}")
-        if dim_y is not None and (
-            isinstance(dim_y, bool) or not isinstance(dim_y, int) or dim_y <= 0
-        ):
-            raise ValueError(f"dim_y must be a positive int or None, got {dim_y!r}")
-        self.dim_x, self.dim_y = dim_x, dim_y
-        self.device = torch.device(device)
-        self.dtype = check_accumulate(dtype)
-        self._buffer = RowBuffer(buffer_rows, self.device, self.dtype)
-        ops.moments.check_precision(precision)
-        if precision != "fp32" and (self.dtype != torch.float32 or self.device.type != "cuda"):
-            raise ValueError(
-                f"precision={precision!r} is for fp32 sums on a CUDA device, got "
-                f"dtype={self.dtype} on {self.device}"
-            )
-        self.precision = precision
-        like: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
-        self.count = 0.0  # sum of weights
-        self.rows = 0
-        self.shift_x: torch.Tensor | None = None
-        self.shift_y: torch.Tensor | None = None
-        self._sum_x = torch.zeros(dim_x, **like)
-        self._gram_xx = torch.zeros(dim_x, dim_x, **like)  # upper triangle is authoritative
-        if dim_y is not None:
-            self._sum_y = torch.zeros(dim_y, **like)
-            self._gram_yy = torch.zeros(dim_y, dim_y, **like)  # upper triangle
-            self._gram_xy = torch.zeros(dim_x, dim_y, **like)
-
-    @property
-    def paired(self) -> bool:
-        return self.dim_y is not None
-
-    # The shifted sums and Grams (upper triangles for xx and yy), held rows flushed first.
-    @property
-    def sum_x(self) -> torch.Tensor:
-        return self.flush()._sum_x
-
-    @property
-    def sum_y(self) -> torch.Tensor:
-        return self.flush()._sum_y
-
-    @property
-    def gram_xx_s(self) -> torch.Tensor:
-        return self.flush()._gram_xx
-
-    @property
-    def gram_yy_s(self) -> torch.Tensor:
-        return self.flush()._gram_yy
-
-    @property
-    def gram_xy_s(self) -> torch.Tensor:
-        return self.flush()._gram_xy
-
-    def flush(self) -> Moments:
-        """Add the held rows to the sums now, and return self."""
-        self._buffer.drain(self._accumulate)
-        return self
-
-    def __repr__(self) -> str:
-        dims = f"{self.dim_x}" if self.dim_y is None else f"{self.dim_x}, {self.dim_y}"
-        kind = "" if self.dtype == torch.float32 else f", dtype={str(self.dtype)[6:]}"
-        return (
-            f"Moments({dims}, rows={self.rows}, count={self.count:g}, device={self.device}{kind})"
-        )
-
-    # -- accumulation ------------------------------------------------------------------------
-
-    def update(
-        self,
-        x: Any,
-        y: Any | None = None,
-        weight: Any | None = None,
-    ) -> Moments:
-        """Add a batch of rows (fp32, fp16 or bf16, and float64 for a float64 accumulator;
-        torch, NumPy or CuPy) with optional non-negative weights [n] (a 0/1 row mask is a
-        weight)."""
-        x = ops.core.as_tensor(x, "x")
-        y = None if y is None else ops.core.as_tensor(y, "y")
-        if x.dim() != 2 or x.shape[1] != self.dim_x:
-            raise ValueError(f"x must be [n, {self.dim_x}], got {list(x.shape)}")
-        if (y is None) == self.paired:
-            raise ValueError(
-                "y is required for a paired accumulator"
-                if self.paired
-                else "this accumulator has no y; build it with dim_y"
-            )
-        if y is not None and (y.dim() != 2 or tuple(y.shape) != (x.shape[0], self.dim_y)):
-            raise ValueError(f"y must be [{x.shape[0]}, {self.dim_y}], got {list(y.shape)}")
-        w = None
-        if weight is not None:
-            w = ops.core.as_tensor(weight, "weight")
-            if not w.is_floating_point() and w.dtype != torch.bool:
-                raise TypeError(f"weight must be a float or bool tensor, got {w.dtype}")
-            if tuple(w.shape) != (x.shape[0],):
-                raise ValueError(f"weight must be [{x.shape[0]}], got {list(w.shape)}")
-            w = w.to(self.device, self.dtype)
-        if self.dtype == torch.float64:  # the fp32 kernel checks these itself
-            for name, t in (("x", x), ("y", y)):
-                if t is not None and not t.is_floating_point():
-                    raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-            if w is not None and bool((w < 0).any()):
-                raise ValueError("weights must be non-negative")
-        if x.shape[0] == 0:
-            return self
-        x = x.to(self.device)
-        y = None if y is None else y.to(self.device)
-        batch_count = float(x.shape[0]) if w is None else float(w.sum())
-        if self.shift_x is None:
-            if batch_count <= 0:  # all weights zero: nothing to learn a shift from yet
-                self.rows += int(x.shape[0])
-                return self
-            ws = torch.ones(x.shape[0], device=self.device, dtype=self.dtype) if w is None else w
-            self.shift_x = (ws @ x.to(self.dtype)) / batch_count
-            if y is not None:
-                self.shift_y = (ws @ y.to(self.dtype)) / batch_count
-        self._buffer.push(x, y, w, self._accumulate)
-        self.count += batch_count
-        self.rows += int(x.shape[0])
-        return self
-
-    def _accumulate(self, x: torch.Tensor, y: torch.Tensor | None, w: torch.Tensor | None) -> None:
-        if self.dtype == torch.float64:
-            self._accumulate64(x, y, w)
-        else:
-            self._accumulate32(x, y, w)
-
-    def _accumulate32(
-        self, x: torch.Tensor, y: torch.Tensor | None, w: torch.Tensor | None
-    ) -> None:
-        """The compiled kernel: fp32 sums, upper triangles of the symmetric Grams."""
-        assert self.shift_x is not None
-        ops.moments_accumulate_(
-            x, y, w, self.shift_x, self.shift_y, self._sum_x, getattr(self, "_sum_y", None),
-            self._gram_xx, getattr(self, "_gram_yy", None), getattr(self, "_gram_xy", None),
-            upper_only=True, precision=self.precision,
-        )  # fmt: skip
-
-    def _accumulate64(
-        self, x: torch.Tensor, y: torch.Tensor | None, w: torch.Tensor | None
-    ) -> None:
-        """float64 sums with torch matmuls (full Gram matrices)."""
-        assert self.shift_x is not None
-        xs = x.to(torch.float64) - self.shift_x
-        xw = xs if w is None else xs * w[:, None]
-        self._sum_x += xw.sum(0)
-        self._gram_xx.addmm_(xw.T, xs)
-        if y is not None:
-            assert self.shift_y is not None
-            ys = y.to(torch.float64) - self.shift_y
-            yw = ys if w is None else ys * w[:, None]
-            self._sum_y += yw.sum(0)
-            self._gram_yy.addmm_(yw.T, ys)
-            self._gram_xy.addmm_(xw.T, ys)
-
-    # -- finalisation (float64) --------------------------------------------------------------
-
-    def mean(self, which: str = "x") -> torch.Tensor:
-        """Weighted mean of x or y, float64."""
-        shift, s = self._pick(which)
-        return shift.double() + s.double() / self.count
-
-    def trace(self, which: str = "xx", *, centered: bool = False) -> float:
-        """The trace of :meth:`gram` (``which`` "xx" or "yy"), without forming the matrix."""
-        if which not in ("xx", "yy") or (which == "yy" and not self.paired):
-            raise ValueError(f"which must be xx or yy (paired only), got {which!r}")
-        shift, s = self._pick(which[0])
-        g = self._gram_xx if which == "xx" else self._gram_yy
-        t, n = s.double(), self.count
-        base = float(torch.diagonal(g).double().sum())
-        if centered:  # tr(G_s) - |t|² / n
-            return base - float(t @ t) / n
-        a = shift.double()
-        return base + 2 * float(a @ t) + n * float(a @ a)
-
-    def gram(self, which: str = "xx", *, centered: bool = False) -> torch.Tensor:
-        """Σ w·a bᵀ over rows (``centered`` subtracts the means first), float64.
-
-        which: "xx", "yy" or "xy".
-        """
-        if which not in ("xx", "yy", "xy") or (which != "xx" and not self.paired):
-            raise ValueError(f"which must be one of xx, yy, xy (paired only), got {which!r}")
-        sa, ta = self._pick(which[0])
-        sb, tb = self._pick(which[1])
-        gs = self._gram_shifted(which).double()
-        ta, tb = ta.double(), tb.double()
-        n = self.count
-        if centered:  # Σ(a-μa)(b-μb)ᵀ = G_s - t_a t_bᵀ / n
-            return gs - torch.outer(ta, tb) / n
-        sa, sb = sa.double(), sb.double()
-        return gs + torch.outer(sa, tb) + torch.outer(ta, sb) + n * torch.outer(sa, sb)
-
-    def _gram_shifted(self, which: str) -> torch.Tensor:
-        if which == "xy":
-            return self._gram_xy
-        return symmetric(self._gram_xx if which == "xx" else self._gram_yy)
-
-    def _pick(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.count == 0 or self.shift_x is None:
-            raise ValueError("no rows have been added to this accumulator")
-        self.flush()
-        if which == "x":
-            return self.shift_x, self._sum_x
-        if which == "y" and self.paired and self.shift_y is not None:
-            return self.shift_y, self._sum_y
-        raise ValueError(f"which must be 'x' or 'y' (paired only), got {which!r}")
 
     # -- merging -----------------------------------------------------------------------------
 
@@ -309,34 +87,58 @@ class Moments:
 
     def merge(self, other: Moments) -> Moments:
         """Add the rows of ``other`` into this accumulator (exact up to the storage dtype),
-        and return self. The two may have different shifts, devices and dtypes; ``other`` is
-        unchanged.
+        and return self. The two may have different forms, shifts, devices and dtypes;
+        ``other`` is unchanged. Kept rows stay rows while they fit under ``row_limit``.
         """
         self._check_compatible(other)
         if other.shift_x is None:
             self.rows += other.rows
             return self
-        if self.shift_x is None:
-            shift_x = other.shift_x.to(self.device)
-            shift_y = None if other.shift_y is None else other.shift_y.to(self.device)
-            mine = rebased(self, shift_x, shift_y)  # zeros
-        else:
-            shift_x, shift_y = self.shift_x, self.shift_y
-            mine = rebased(self, shift_x, shift_y)
+        if self.shift_x is None:  # everything here is zero around any shift: take theirs
+            self.shift_x = other.shift_x.to(self.device, self.dtype)
+            if other.shift_y is not None:
+                self.shift_y = other.shift_y.to(self.device, self.dtype)
+        count, rows = self.count + other.count, self.rows + other.rows
+        if other._rows is not None:  # their rows, as they are
+            if self._rows is not None and len(self._rows) + len(other._rows) <= self.row_limit:
+                for x, y, w in other._rows.chunks():
+                    self._rows.append(x, y, w)
+            else:
+                self.fold()
+                for x, y, w in other._rows.chunks():
+                    self._push_exact(x, y, w)
+                self.flush()
+            self.count, self.rows = count, rows
+            return self
+        self.fold()
+        shift_x, shift_y = self.shift_x, self.shift_y
+        mine = rebased(self, shift_x, shift_y)
         theirs = rebased(
             other, shift_x.to(other.device), None if shift_y is None else shift_y.to(other.device)
         )
         total = {k: mine[k] + theirs[k].to(self.device) for k in mine}
-        self._store(shift_x, shift_y, total, self.count + other.count, self.rows + other.rows)
+        self._store(shift_x, shift_y, total, count, rows)
         return self
+
+    def _push_exact(self, x: torch.Tensor, y: torch.Tensor | None, w: torch.Tensor | None) -> None:
+        """Add rows to the sums (float64 rows are narrowed for fp32 sums)."""
+        to = self.dtype if self.dtype == torch.float32 else None
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, to if t.dtype == torch.float64 else t.dtype)
+
+        wt = None if w is None else w.to(self.device, self.dtype)
+        self._buffer.push(move(x), None if y is None else move(y), wt, self._accumulate)
 
     def all_reduce(self, group: dist.ProcessGroup | None = None) -> Moments:
         """Sum this accumulator over the processes of ``group`` in place, and return self.
 
-        Every process ends with the statistics of all rows. Shifts may differ per process:
-        each one re-expresses its sums around the global mean in float64 before the sum.
-        The tensors travel on this accumulator's device (use gloo for CPU, NCCL for CUDA).
-        A no-op when torch.distributed is not initialised.
+        Every process ends with the statistics of all rows. While every process keeps rows
+        and all of them fit under ``row_limit``, the rows are gathered (in process order);
+        otherwise each process folds its rows, re-expresses its sums around the global mean
+        in float64 (shifts may differ per process) and the sums are added. The tensors
+        travel on this accumulator's device (use gloo for CPU, NCCL for CUDA). A no-op when
+        torch.distributed is not initialised.
         """
         if not (dist.is_available() and dist.is_initialized()):
             return self
@@ -350,14 +152,26 @@ class Moments:
             if self.paired:
                 head[2 + self.dim_x :] = self.count * self.mean("y")
         dist.all_reduce(head, op=dist.ReduceOp.SUM, group=group)
+        # 2) whether any process sums already, and whether any keeps float64 rows
+        store = self._rows
+        wide = store is not None and any(t.dtype == torch.float64 for t in store.xs + store.ys)
+        vote = torch.tensor([float(store is None), float(wide)], **f64)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=group)
         count, rows = float(head[0]), int(round(float(head[1])))
         if count <= 0:
             self.rows = rows
             return self
         shift_x = head[2 : 2 + self.dim_x] / count
         shift_y = head[2 + self.dim_x :] / count if self.paired else None
-        # 2) sums and Grams around that shift, summed in float64
-        parts = rebased(self, shift_x, shift_y)
+        if store is not None and not bool(vote[0]) and rows <= self.row_limit:
+            kind = torch.float64 if bool(vote[1]) else torch.float32
+            self._rows = gather_rows(store, self.dim_x, self.dim_y, kind, group)
+            self.shift_x = shift_x.to(self.dtype)
+            self.shift_y = None if shift_y is None else shift_y.to(self.dtype)
+            self.count, self.rows = count, rows
+            return self
+        # 3) sums and Grams around that shift, summed in float64
+        parts = rebased(self.fold(), shift_x, shift_y)
         keys = list(parts)
         flat = torch.cat([parts[k].reshape(-1) for k in keys])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
@@ -373,8 +187,8 @@ class Moments:
 
     def state_dict(self) -> dict[str, Any]:
         """The state as plain values: ints/floats/None for the scalars (JSON-friendly) and
-        contiguous tensors in the accumulation dtype, safe to store with safetensors. Grams
-        are full matrices."""
+        contiguous tensors, safe to store with safetensors (:mod:`.state` lists them): the
+        sums in the accumulation dtype with full Grams, or the kept rows as they came."""
         self.flush()
         state: dict[str, Any] = {
             "dim_x": self.dim_x,
@@ -382,20 +196,29 @@ class Moments:
             "count": float(self.count),
             "rows": int(self.rows),
         }
-        zeros = torch.zeros
         like: dict[str, Any] = {"device": self.device, "dtype": self.dtype}
-        state["shift_x"] = (
-            zeros(self.dim_x, **like) if self.shift_x is None else self.shift_x.clone()
-        )
-        state["sum_x"] = self._sum_x.clone()
-        state["gram_xx"] = symmetric(self._gram_xx).contiguous()
-        if self.dim_y is not None:
-            state["shift_y"] = (
-                zeros(self.dim_y, **like) if self.shift_y is None else self.shift_y.clone()
-            )
-            state["sum_y"] = self._sum_y.clone()
-            state["gram_yy"] = symmetric(self._gram_yy).contiguous()
-            state["gram_xy"] = self._gram_xy.clone()
+        shifts = {"x": self.shift_x, "y": self.shift_y}
+        sides = ("x", "y") if self.paired else ("x",)
+        for c in sides:
+            dim = self.dim_x if c == "x" else int(self.dim_y or 0)
+            s = shifts[c]
+            state[f"shift_{c}"] = torch.zeros(dim, **like) if s is None else s.clone()
+        store = self._rows
+        if store is None:
+            state["sum_x"] = self._sum_x.clone()
+            state["gram_xx"] = symmetric(self._gram_xx).contiguous()
+            if self.paired:
+                state["sum_y"] = self._sum_y.clone()
+                state["gram_yy"] = symmetric(self._gram_yy).contiguous()
+                state["gram_xy"] = self._gram_xy.clone()
+            return state
+        held = len(store)
+        state.update(form="rows", held=held, row_limit=self.row_limit)
+        for c in sides:
+            dim = self.dim_x if c == "x" else int(self.dim_y or 0)
+            state[f"rows_{c}"] = store.matrix(c) if held else torch.zeros(0, dim, **like)
+        w = store.weights(self.dtype)
+        state["weights"] = torch.ones(held, **like) if w is None else w
         return state
 
     @classmethod
@@ -403,42 +226,29 @@ class Moments:
         cls, state: dict[str, Any], *, device: torch.device | str | None = None
     ) -> Moments:
         """Rebuild an accumulator from :meth:`state_dict` output (tensors on ``device``, or
-        where they are). The accumulation dtype is float64 when ``sum_x`` is float64, else
-        float32."""
-        missing = [k for k in ("dim_x", "count", "rows", *_STATE_KEYS) if k not in state]
-        if missing:
-            raise ValueError(f"state is missing {', '.join(missing)}")
-        dim_x = int(state["dim_x"])
-        dim_y = state.get("dim_y")
-        dim_y = None if dim_y is None else int(dim_y)
-        keys = _STATE_KEYS + (_STATE_KEYS_Y if dim_y is not None else ())
-        missing = [k for k in keys if k not in state]
-        if missing:
-            raise ValueError(f"state is missing {', '.join(missing)}")
-        sum_x = state["sum_x"]
-        dev = torch.device(device) if device is not None else getattr(sum_x, "device", "cpu")
-        f64 = isinstance(sum_x, torch.Tensor) and sum_x.dtype == torch.float64
-        m = cls(dim_x, dim_y, device=dev, dtype=torch.float64 if f64 else torch.float32)
-        dy = dim_y or 0
-        shapes = [(dim_x,), (dim_x,), (dim_x, dim_x), (dy,), (dy,), (dy, dy), (dim_x, dy)]
-        want = dict(zip(_STATE_KEYS + _STATE_KEYS_Y, shapes, strict=True))
-        t = {}
-        for k in keys:
-            v = state[k]
-            if not isinstance(v, torch.Tensor) or tuple(v.shape) != want[k]:
-                got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise ValueError(
-                    f"state[{k!r}] must be a tensor of shape {list(want[k])}, got {got}"
-                )
-            t[k] = v.to(dev, m.dtype)
-        m.count, m.rows = float(state["count"]), int(state["rows"])
+        where they are), in the form it was saved in. The accumulation dtype is float64
+        when the sums (or, for rows, the shifts) are float64, else float32."""
+        st = check_state(state)
+        t = st.tensors
+        first = t["shift_x" if st.form == "rows" else "sum_x"]
+        dev = torch.device(device) if device is not None else first.device
+        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        limit = st.row_limit if st.form == "rows" else 0
+        m = cls(st.dim_x, st.dim_y, device=dev, dtype=dtype, row_limit=limit)
+        t = {k: v.to(dev) for k, v in t.items()}
+        m.count, m.rows = st.count, st.rows
         if m.rows > 0 or m.count > 0:
-            m.shift_x = t["shift_x"].clone()
-            m.shift_y = t["shift_y"].clone() if dim_y is not None else None
-        m.sum_x.copy_(t["sum_x"])
-        m.gram_xx_s.copy_(t["gram_xx"])
-        if dim_y is not None:
-            m.sum_y.copy_(t["sum_y"])
-            m.gram_yy_s.copy_(t["gram_yy"])
-            m.gram_xy_s.copy_(t["gram_xy"])
+            m.shift_x = t["shift_x"].to(m.dtype).clone()
+            m.shift_y = t["shift_y"].to(m.dtype).clone() if st.dim_y is not None else None
+        if m._rows is not None:
+            if t["rows_x"].shape[0]:
+                w = t["weights"].to(m.dtype)
+                m._rows.append(t["rows_x"], t.get("rows_y"), None if bool((w == 1).all()) else w)
+            return m
+        m._sum_x.copy_(t["sum_x"])
+        m._gram_xx.copy_(t["gram_xx"])
+        if st.dim_y is not None:
+            m._sum_y.copy_(t["sum_y"])
+            m._gram_yy.copy_(t["gram_yy"])
+            m._gram_xy.copy_(t["gram_xy"])
         return m

@@ -93,8 +93,8 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
-// Handles are created once per (host thread, device), bound to `stream` on every call, and
-// kept for the life of the process. cuBLAS runs in its default math mode (plain FP32, no
+// Handles are created once per (host thread, device, stream), bound to that stream, and kept
+// for the life of the process: a handle's workspace is never shared between streams. cuBLAS runs in its default math mode (plain FP32, no
 // TF32) with host-side scalars.
 cublasHandle_t cublas_handle(cudaStream_t stream);
 cusolverDnHandle_t cusolver_handle(cudaStream_t stream);
