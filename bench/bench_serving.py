@@ -201,23 +201,23 @@ def main() -> None:
     print(f"prompts: 32, {min(lengths)}-{max(lengths)} tokens", flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype in args.dtypes.split(","):
+        for dtype in args.dtypes.split(","):  # the JSON is rewritten after each dtype
             rows += run_dtype(dtype, args, folder, hf, prompts, Path(tmp) / dtype)
-    table = [r for r in rows if "condition" in r]
-    print_table(table, ["dtype", "batch", "condition", "tok_s", "ratio", "ratio_min",
-                        "ratio_max", "ttft_ms", "ttft_ratio"])  # fmt: skip
-    write_json(
-        "serving-cpu",
-        {
-            "machine": machine("cpu"),
-            "vllm": vllm.__version__,
-            "model": MODEL,
-            "settings": {**vars(args), "engine": ENGINE, "out": str(args.out)},
-            "prompt_tokens": lengths,
-            "rows": rows,
-        },
-        args.out,
-    )
+            table = [r for r in rows if "condition" in r]
+            print_table(table, ["dtype", "batch", "condition", "tok_s", "ratio", "ratio_min",
+                                "ratio_max", "ttft_ms", "ttft_ratio"])  # fmt: skip
+            write_json(
+                "serving-cpu",
+                {
+                    "machine": machine("cpu"),
+                    "vllm": vllm.__version__,
+                    "model": MODEL,
+                    "settings": {**vars(args), "engine": ENGINE, "out": str(args.out)},
+                    "prompt_tokens": lengths,
+                    "rows": rows,
+                },
+                args.out,
+            )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 # run the kernel tests on CPU and CUDA and every CUDA-marked test of the suite (the hooks on
 # a CUDA model, the dense SVD/eigh paths), run the CUDA benchmarks, and write what was seen
 # (device named) under $OUT (default bench/results/gpu): gpu_check.json (summary),
-# gpu_check.log, build.log, pytest.xml and one JSON per benchmark (10 files, one folder).
+# gpu_check.log, build.log, pytest.xml and one JSON per benchmark, in one folder.
 # Meant for a machine with an NVIDIA GPU, nvcc, torch with CUDA, and the nvidia-cublas /
 # nvidia-cusolver wheels (or a full CUDA toolkit).
 #

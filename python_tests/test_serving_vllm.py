@@ -326,6 +326,22 @@ def test_tensor_parallel_2_gives_the_tokens_of_steer(tiny, monkeypatch):
         gc.collect()
 
 
+def test_serve_refuses_keys_before_vllm_starts_and_names_its_flags(tiny, tmp_path):
+    info = ModelInfo.of(tiny["hf"])
+    other = ModelInfo(info.name, "0" * 16, info.hidden_size, info.num_layers)
+    random_key(other, [1], seed=3).save_pretrained(tmp_path / "other")
+    base = [sys.executable, "-m", "unlock_fast.cli", "serve", str(tiny["folder"])]
+    for extra, match in [
+        (["--key", f"x={tmp_path / 'other'}"], "pass --no-check-fingerprint if"),
+        (["--key", f"a={tiny['root'] / 'a'}", "--key", f"b={tiny['root'] / 'b'}",
+          "--max-keys", "1"], "--max-keys 1 leaves no room for 2 keys"),  # fmt: skip
+    ]:
+        run = subprocess.run(base + extra, capture_output=True, text=True, cwd=tmp_path)
+        assert run.returncode == 2, run.stderr
+        assert match in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
