@@ -333,8 +333,17 @@ def test_serve_refuses_keys_before_vllm_starts_and_names_its_flags(tiny, tmp_pat
     base = [sys.executable, "-m", "unlock_fast.cli", "serve", str(tiny["folder"])]
     for extra, match in [
         (["--key", f"x={tmp_path / 'other'}"], "pass --no-check-fingerprint if"),
-        (["--key", f"a={tiny['root'] / 'a'}", "--key", f"b={tiny['root'] / 'b'}",
-          "--max-keys", "1"], "--max-keys 1 leaves no room for 2 keys"),  # fmt: skip
+        (
+            [
+                "--key",
+                f"a={tiny['root'] / 'a'}",
+                "--key",
+                f"b={tiny['root'] / 'b'}",
+                "--max-keys",
+                "1",
+            ],
+            "--max-keys 1 leaves no room for 2 keys",
+        ),  # fmt: skip
     ]:
         run = subprocess.run(base + extra, capture_output=True, text=True, cwd=tmp_path)
         assert run.returncode == 2, run.stderr
