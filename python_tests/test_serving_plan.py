@@ -187,3 +187,17 @@ def test_a_step_that_cannot_be_planned_is_served_unsteered_and_logged_once(caplo
         ext._unlock_step(None)
     assert buffers.slots.tolist() == [-1] * 8
     assert len([r for r in caplog.records if "could not be planned" in r.message]) == 1
+
+
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float16])
+def test_steering_buffers_keep_their_dtypes_under_the_models_default(default):
+    """vLLM builds a bf16 model with torch's default dtype set to bf16."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        b = SteeringBuffers(slots=2, layers=3, dim=4, rows=5)
+    finally:
+        torch.set_default_dtype(before)
+    assert (b.table.dtype, b.alphas.dtype) == (torch.float32, torch.float32)
+    assert (b.slots.dtype, b.modes.dtype) == (torch.int32, torch.uint8)
+    assert b.slots.tolist() == [-1] * 5

@@ -47,9 +47,11 @@ class SteeringBuffers(nn.Module):
 
     def __init__(self, slots: int, layers: int, dim: int, rows: int) -> None:
         super().__init__()
-        self.register_buffer("table", torch.zeros(slots, layers, dim), persistent=False)
+        # dtypes spelled out: vLLM builds models under the model's default dtype
+        f32 = torch.float32
+        self.register_buffer("table", torch.zeros(slots, layers, dim, dtype=f32), persistent=False)
         self.register_buffer("slots", torch.full((rows,), -1, dtype=torch.int32), persistent=False)
-        self.register_buffer("alphas", torch.zeros(rows), persistent=False)
+        self.register_buffer("alphas", torch.zeros(rows, dtype=f32), persistent=False)
         self.register_buffer("modes", torch.zeros(rows, dtype=torch.uint8), persistent=False)
 
     table: torch.Tensor
