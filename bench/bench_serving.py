@@ -18,6 +18,9 @@ first token (a separate run with one new token), as medians over rounds and as t
 each round's ratio to ``vanilla``. Prefix caching is off in every engine, so each round runs
 its prompts' prefill (with it on, every round after the first would skip it).
 
+``--parts`` measures instead what our engine adds to each decoding step, piece by piece: the
+steering operator per decoder block and the worker's planning of a 32-request step.
+
 Checked in the same run before timing: our unsteered tokens equal vanilla vLLM's; steered
 requests change their tokens; and (float32) the steered tokens of four prompts equal
 ``steer()`` under HF generate.
@@ -37,11 +40,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; three live at once
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import vllm  # noqa: E402
 
@@ -52,6 +57,8 @@ from unlock_fast import ModelInfo, SteeringKey, steer  # noqa: E402
 from unlock_fast.evaluation.problems import problem_splits  # noqa: E402
 from unlock_fast.evaluation.prompts import format_prompts  # noqa: E402
 from unlock_fast.loading import load_model, resolve_model, weights_source  # noqa: E402
+from unlock_fast.serving.model import SteeringBuffers  # noqa: E402
+from unlock_fast.serving.worker import UnlockWorkerExtension, _Host, _State  # noqa: E402
 from unlock_fast.vllm import steered_llm, unlock_params  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -179,6 +186,50 @@ def _ids(tok: Any, chat: list[dict[str, str]]) -> list[int]:
     return [int(i) for i in ids]
 
 
+def parts(layers: int = 30, d: int = 576, batch: int = 32, calls: int = 2000) -> dict[str, float]:
+    """Microseconds of what our engine adds per decoding step at SmolLM2's shapes: the
+    steering operator (once per decoder block) with no row and with every row steered, and
+    the worker's step planning for a batch of unsteered or steered decoding requests (a
+    stand-in for vLLM's batch layout, the attributes the worker reads)."""
+    table = torch.randn(2, layers, d)
+    slots = torch.full((8192,), -1, dtype=torch.int32)
+    alphas, modes = torch.full((8192,), 0.1), torch.zeros(8192, dtype=torch.uint8)
+    h, r = torch.randn(batch, d), torch.randn(batch, d)
+    op = torch.ops.unlock_fast.steer_tokens_
+
+    def per_call(fn: Any) -> float:
+        for _ in range(calls // 10):
+            fn()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t) / calls * 1e6
+
+    out = {}
+    with torch.inference_mode():
+        out["op_none_us"] = per_call(lambda: op(h, r, table, 3, slots, alphas, modes))
+        slots[:batch] = 0
+        out["op_all_us"] = per_call(lambda: op(h, r, table, 3, slots, alphas, modes))
+    for steered in (False, True):
+        extra = {"unlock_key": "k", "unlock_alpha": 0.1} if steered else None
+        ids = [f"r{i}" for i in range(batch)]
+        reqs = {i: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra)) for i in ids}
+        batch_ = SimpleNamespace(req_ids=ids, num_reqs=batch, num_computed_tokens_cpu=[70] * batch,
+                                 num_prompt_tokens=[60] * batch)  # fmt: skip
+        runner = SimpleNamespace(input_batch=batch_, requests=reqs,
+                                 query_start_loc=SimpleNamespace(np=np.arange(batch + 1)))  # fmt: skip
+        ext = UnlockWorkerExtension()
+        ext.model_runner = runner
+        hosts = [_Host.make(8192, False), _Host.make(8192, False)]
+        buffers = SteeringBuffers(2, layers, d, 8192)
+        ext._unlock = _State(torch.nn.Identity(), buffers, ModelInfo("m", "f", d, layers),
+                             torch.device("cpu"), hosts, slot_of={"k": 0})  # fmt: skip
+        name = "plan_steered_us" if steered else "plan_unsteered_us"
+        out[name] = per_call(lambda ext=ext: ext._unlock_step(None))
+    out["per_step_us"] = layers * out["op_none_us"] + out["plan_steered_us"]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -186,8 +237,14 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--quick", action="store_true", help="2 rounds, 16 new tokens, float32")
+    p.add_argument("--parts", action="store_true", help="only the per-step parts (seconds)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    if args.parts:
+        got = parts()
+        print(got)
+        write_json("serving-parts-cpu", {"machine": machine("cpu"), "parts_us": got}, args.out)
+        return
     if args.quick:
         args.rounds, args.new, args.dtypes = 2, 16, "float32"
     folder = str(weights_source(resolve_model(MODEL)))
