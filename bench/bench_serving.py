@@ -277,7 +277,7 @@ def main() -> None:
                     "machine": machine("cpu"),
                     "vllm": vllm.__version__,
                     "model": MODEL,
-                    "settings": {**vars(args), "engine": ENGINE, "out": str(args.out)},
+                    "settings": {**vars(args), "engine": ENGINE, "out": None},
                     "prompt_tokens": lengths,
                     "rows": rows,
                 },
