@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-ARCHITECTURES_ENV = "UNLOCK_FAST_ARCHITECTURES"  # = unlock_fast.serving.engine's
+ARCHITECTURES_ENV = "UNLOCK_FAST_ARCHITECTURES"  # comma-separated; set for steered engines only
 
 
 def register() -> None:

@@ -14,6 +14,8 @@ import os
 
 from transformers import AutoConfig
 
+from unlock_fast_plugin import ARCHITECTURES_ENV  # the plugin reads it; defined there once
+
 __all__ = [
     "ARCHITECTURES_ENV",
     "CONFIG_KEY",
@@ -25,7 +27,6 @@ __all__ = [
     "engine_flags",
 ]
 
-ARCHITECTURES_ENV = "UNLOCK_FAST_ARCHITECTURES"  # comma-separated; unlock_fast_plugin reads it
 RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 CONFIG_KEY = "unlock_fast"  # the entry of vLLM's additional_config
 DEFAULT_SLOTS = 16

@@ -109,7 +109,6 @@ class _State:
     device: torch.device
     hosts: list[_Host]
     slot_of: dict[str, int] = field(default_factory=dict)
-    layers: dict[str, list[int]] = field(default_factory=dict)
     requests: dict[str, UnlockRequest | None] = field(default_factory=dict)
     step: int = 0
     device_end: int = 0  # rows [0, device_end) of the device buffers may hold a slot
@@ -162,14 +161,12 @@ class UnlockWorkerExtension:
             row[layer] = key.vectors[i].to(row.device, torch.float32)
         state.buffers.table[slot].copy_(row)
         state.slot_of[name] = slot
-        state.layers[name] = list(key.layers)
         return list(key.layers)
 
     def unlock_unload_key(self, name: str) -> bool:
         """Free ``name``'s slot; requests still naming it are served unsteered."""
         state = self._unlock_state()
         slot = state.slot_of.pop(name, None)
-        state.layers.pop(name, None)
         if slot is None:
             return False
         state.buffers.table[slot].zero_()
