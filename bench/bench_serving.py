@@ -57,8 +57,8 @@ from common import machine, print_table, write_json  # noqa: E402
 
 from unlock_fast import ModelInfo, SteeringKey, steer  # noqa: E402
 from unlock_fast.evaluation.problems import problem_splits  # noqa: E402
-from unlock_fast.evaluation.prompts import format_prompts  # noqa: E402
 from unlock_fast.loading import load_model, resolve_model, weights_source  # noqa: E402
+from unlock_fast.prompts import format_prompts  # noqa: E402
 from unlock_fast.serving.model import SteeringBuffers  # noqa: E402
 from unlock_fast.serving.worker import UnlockWorkerExtension, _Host, _State  # noqa: E402
 from unlock_fast.vllm import steered_llm, unlock_params  # noqa: E402

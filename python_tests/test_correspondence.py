@@ -14,8 +14,8 @@ from unlock_fast.evaluation.correspondence import (
     collect_correspondence_stats,
     compare_layer_maps,
     select_layer_map,
+    select_layer_subset,
 )
-from unlock_fast.evaluation.layer_subset import restrict_key, select_layer_subset
 from unlock_fast.evaluation.null_keys import null_contrast_directions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,10 +138,36 @@ def test_a_restricted_key_steers_like_steer_with_layers() -> None:
     with torch.no_grad():
         with steer(model, key, alpha=0.5, layers=[1, 2]):
             a = model(**enc).logits
-        with steer(model, restrict_key(key, [1, 2]), alpha=0.5):
+        with steer(model, key.select([1, 2]), alpha=0.5):
             b = model(**enc).logits
         plain = model(**enc).logits
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, plain)
     with pytest.raises(ValueError, match="subset"):
-        restrict_key(key, [5])
+        key.select([5])
+
+
+def test_key_algebra() -> None:
+    info = ModelInfo("m", "f", 4, 3)
+    a = SteeringKey(torch.tensor([[3.0, 4, 0, 0], [0, 1, 0, 0]]), [0, 2], info, {"kind": "x"})
+    b = SteeringKey(torch.tensor([[1.0, 0, 0, 0], [0, 0, 2, 0]]), [0, 2], info)
+    torch.testing.assert_close((a + b).vectors, torch.tensor([[4.0, 4, 0, 0], [0, 1, 2, 0]]))
+    torch.testing.assert_close((a - b).vectors, a.vectors - b.vectors)
+    torch.testing.assert_close((2 * a).vectors, a.vectors * 2)
+    torch.testing.assert_close((-a).vectors, -a.vectors)
+    assert (a * 0.5).origin == {"kind": "x"}
+    m = b.with_norms_of(a)  # b's directions, a's norms (5 and 1)
+    torch.testing.assert_close(m.vectors, torch.tensor([[5.0, 0, 0, 0], [0, 0, 1, 0]]))
+    sel = a.select([2])
+    assert sel.layers == [2]
+    assert sel.origin["layers_subset"] == [2]
+    torch.testing.assert_close(sel.vectors, a.vectors[1:])
+    r1, r2 = SteeringKey.random_like(a, seed=3), SteeringKey.random_like(a, seed=3)
+    assert torch.equal(r1.vectors, r2.vectors)
+    torch.testing.assert_close(r1.vectors.norm(dim=1), a.vectors.norm(dim=1))
+    assert r1.origin == {"kind": "random_control", "seed": 3, "like": {"kind": "x"}}
+    other = SteeringKey(torch.ones(1, 4), [0], info)
+    with pytest.raises(ValueError, match="differ in model or layers"):
+        a + other  # noqa: B018
+    with pytest.raises(TypeError, match="factor"):
+        a.scale("2")  # type: ignore[arg-type]

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 import pytest
+import torch
+from tiny_models import bpe_tokenizer, make_model, word_tokenizer
 
-import unlock_fast.alignment
-import unlock_fast.direction
-from unlock_fast.evaluation import Problem, accuracy, grid
-from unlock_fast.evaluation.grid import GridPoint, select_point
+from unlock_fast.evaluation import Problem, accuracy
+from unlock_fast.evaluation.conditions import (
+    CONDITIONS,
+    ConditionResult,
+    EvaluationResult,
+    ItemResult,
+    Runner,
+)
+from unlock_fast.evaluation.evidence import run_transfer
+from unlock_fast.evaluation.selection import GridPoint, grid_search, select_point
 
 
 def point(
@@ -92,97 +99,67 @@ def test_one_point_and_no_point():
         select_point([])
 
 
-# -- grid_search selects with select_point, on held-out scores only ---------------------------
+# -- grid_search on tiny models: held-out selection, one Source pass per item ---------------
 
 
-@dataclass
-class _Condition:
-    accuracy: Any
-    step_rate: float
-    mean_tokens: float
+@dataclass(frozen=True)
+class _Scripted(Runner):
+    """A Target whose held-out scores are set per (rank, alpha); it records every call."""
+
+    scores: dict[tuple[int, float, int], tuple[int, float]] = field(default_factory=dict)
+    calls: list[tuple[str, int, float, tuple[str, ...]]] = field(default_factory=list)
+
+    def evaluate(self, problems, key=None, *, conditions=CONDITIONS, seed=0, random_key=None):  # noqa: ARG002
+        split, rank = problems[0].id.split("-")[0], int(key.origin["rank"])
+        self.calls.append((split, rank, self.alpha, tuple(conditions)))
+        n, setting = len(problems), (rank, self.alpha, int(key.origin["direction_prompts"]))
+        correct, rate = self.scores[setting] if split == "heldout" else (n, 1.0)
+        items = [
+            ItemResult("unlock", p.id, p.question, p.answer, "", "", None, "none", i < correct,
+                       1, i < rate * n)
+            for i, p in enumerate(problems)
+        ]  # fmt: skip
+        return EvaluationResult({"unlock": ConditionResult("unlock", "", items, self.alpha)})
 
 
-@dataclass
-class _Result:
-    conditions: dict[str, _Condition]
-    settings: dict[str, Any] = field(default_factory=dict)
+def _items(split: str, count: int) -> list[Problem]:
+    return [
+        Problem(f"{split}-{i}", f"{split} item {i} asks {i} + 1?", str(i + 1)) for i in range(count)
+    ]
 
 
-class _Alignment:
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
-
-    def transfer(self, direction: str) -> tuple[str, int]:
-        return (direction, self.rank)
-
-
-class _Stats:
-    def fit_ranks(self, ranks: list[int]) -> dict[int, _Alignment]:
-        return {r: _Alignment(r) for r in ranks}
-
-
-def test_grid_search_evaluates_test_once_with_the_selected_point(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_grid_search_selects_on_heldout_and_passes_each_source_prompt_once() -> None:
+    stok, ttok = bpe_tokenizer(), word_tokenizer()
+    source = make_model("llama", len(stok), hidden=32, layers=3)
+    target_model = make_model("qwen2", len(ttok), hidden=48, layers=4, seed=2)
     # held-out (correct of 10, step rate) per (rank, alpha): two points tie on accuracy and
-    # step rate, so the smaller alpha must win; test scores would pick another point
-    heldout_scores = {
-        (2, 0.1): (4, 0.9),
-        (2, 0.5): (7, 0.2),
-        (4, 0.1): (7, 0.5),
-        (4, 0.5): (7, 0.5),
+    # step rate, so the smaller alpha must win; the test split would pick any point
+    per = {(2, 0.1): (4, 0.9), (2, 0.5): (7, 0.2), (4, 0.1): (7, 0.5), (4, 0.5): (7, 0.5)}
+    scores = {(r, a, n): v for (r, a), v in per.items() for n in (4, 6)}
+    target = _Scripted(target_model, ttok, batch_size=4, progress=False, scores=scores)
+    rows: list[int] = []
+    embed = source.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda _m, _a, out: rows.append(out.shape[0]))
+    splits = {
+        "train": _items("train", 6),
+        "heldout": _items("heldout", 10),
+        "test": _items("test", 3),
     }
-    calls: list[tuple[str, Any, float, tuple[str, ...]]] = []
-
-    def fake_evaluate(
-        _model: Any,
-        _tokenizer: Any,
-        problems: list[Problem],
-        *,
-        key: tuple[str, int],
-        alpha: float,
-        conditions: tuple[str, ...],
-        **_kwargs: Any,
-    ) -> _Result:
-        split = problems[0].id.split("-")[0]
-        calls.append((split, key, alpha, tuple(conditions)))
-        correct, rate = heldout_scores[(key[1], alpha)] if split == "heldout" else (10, 1.0)
-        verdicts = [True] * correct + [False] * (10 - correct)
-        return _Result({"unlock": _Condition(accuracy(verdicts), rate, 12.0)})
-
-    def fake_direction(*_args: Any, **_kwargs: Any) -> str:
-        return "direction"
-
-    def fake_stats(*_args: Any, **_kwargs: Any) -> _Stats:
-        return _Stats()
-
-    for module in (grid, unlock_fast.direction):
-        monkeypatch.setattr(module, "extract_direction", fake_direction, raising=False)
-    for module in (grid, unlock_fast.alignment):
-        monkeypatch.setattr(module, "collect_alignment_stats", fake_stats, raising=False)
-    monkeypatch.setattr(grid, "evaluate_conditions", fake_evaluate)
-
-    def items(split: str, count: int) -> list[Problem]:
-        return [Problem(f"{split}-{i}", f"{split} question {i}?", str(i)) for i in range(count)]
-
-    res = grid.grid_search(
-        None,
-        None,
-        None,
-        None,
-        items("train", 3),
-        items("heldout", 2),
-        items("test", 2),
-        ranks=(2, 4),
-        alphas=(0.1, 0.5),
-        conditions=("baseline", "unlock"),
-        progress=False,
-    )
-    assert len(res.points) == 4
-    assert res.selected == select_point(res.points)
-    assert (res.selected.rank, res.selected.alpha, res.selected.n) == (4, 0.1, 3)
-    test_calls = [c for c in calls if c[0] == "test"]
-    assert test_calls == [("test", ("direction", 4), 0.1, ("baseline", "unlock"))]
-    assert res.key == ("direction", 4)
-    assert res.test.settings["rank"] == 4
-    assert res.test.settings["selected_on"] == "heldout"
+    res = grid_search((source, stok), target, splits, ranks=(2, 4), alphas=(0.1, 0.5), ns=(4, 6),
+                      conditions=("baseline", "unlock"))  # fmt: skip
+    hook.remove()
+    # each train item goes through the Source twice (locked and unlocked form), no more
+    assert sum(rows) == 2 * 6
+    assert len(res.points) == 2 * 2 * 2
+    assert (res.selected.rank, res.selected.alpha) == (4, 0.1)
+    assert res.selected.n == 4  # N ties too: the smaller N
+    assert [c for c in target.calls if c[0] == "test"] == [("test", 4, 0.1, ("baseline", "unlock"))]
+    assert res.test.settings | {"rank": 4, "n": 4, "selected_on": "heldout"} == res.test.settings
+    # statistics extended from N=4 to N=6 give the key made from the 6 items at once
+    again = replace(target, scores={(4, 0.1, 4): (3, 0.5), (4, 0.1, 6): (5, 0.5)}, calls=[])
+    key6 = grid_search((source, stok), again, splits, ranks=(4,), alphas=(0.1,), ns=(4, 6)).key
+    assert key6 is not None
+    assert key6.origin["direction_prompts"] == 6
+    run = run_transfer(Runner(source, stok), target, splits["train"], rank=4)
+    assert run.key is not None
+    torch.testing.assert_close(key6.vectors, run.key.vectors, rtol=1e-4, atol=1e-5)

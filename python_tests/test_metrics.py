@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from unlock_fast.evaluation.metrics import (
+from unlock_fast.evaluation.grading import (
     accuracy,
     mcnemar_exact,
-    mean,
     paired_comparison,
-    rate,
     wilson_interval,
 )
 
@@ -69,20 +67,28 @@ def test_paired_comparison_significant() -> None:
         paired_comparison([True], [True, False])
 
 
-def test_mean_and_rate() -> None:
-    assert mean([1, 2, 3]) == 2
-    assert rate([True, False, False, True]) == 0.5
-    assert math.isnan(mean([]))
-    assert math.isnan(rate([]))
+def test_condition_measures() -> None:
+    from unlock_fast.evaluation.conditions import ConditionResult, ItemResult
+
+    def item(i: int, out: str, steps: bool, extraction: str) -> ItemResult:
+        return ItemResult("c", f"i{i}", "q", "1", "p", out, "1", extraction, i == 0, 4 + i, steps)
+
+    words = "We add 2 and 3.\nQuestion: next one"  # the grader stops at "Question:"
+    cond = ConditionResult("c", "d", [item(0, words, True, "final"), item(1, "1", False, "number")])
+    assert cond.mean_tokens == 4.5
+    assert cond.step_rate == 0.5
+    assert cond.final_rate == 0.5
+    assert cond.mean_answer_words == (5 + 1) / 2
+    assert cond.accuracy.correct == 1
+    empty = ConditionResult("e", "d", [])
+    assert math.isnan(empty.step_rate)
+    assert math.isnan(empty.mean_tokens)
 
 
 def test_report_tables_and_plots(tmp_path: Path) -> None:
-    from unlock_fast.evaluation.report import (
-        condition_table,
-        plot_accuracy_vs_alpha,
-        write_json,
-    )
-    from unlock_fast.evaluation.runner import ConditionResult, EvaluationResult, ItemResult
+    from unlock_fast.demo.plots import plot_accuracy_vs_alpha
+    from unlock_fast.evaluation.conditions import ConditionResult, EvaluationResult, ItemResult
+    from unlock_fast.evaluation.report import condition_table, write_json
 
     def items(cond: str, verdicts: list[bool]) -> list[ItemResult]:
         return [

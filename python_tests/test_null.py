@@ -15,14 +15,14 @@ from tiny_models import bpe_tokenizer, make_model, word_tokenizer
 from unlock_fast.artifacts import Alignment, AlignmentReport, Direction, ModelInfo, SteeringKey
 from unlock_fast.cli import main
 from unlock_fast.demo import QUICK, run_demo
-from unlock_fast.evaluation.alphas import choose_alpha
-from unlock_fast.evaluation.behaviour import behavioural_null, metric_values
-from unlock_fast.evaluation.evidence import choose_rank
-from unlock_fast.evaluation.experiment import key_cosines
+from unlock_fast.demo.plots import key_cosines
+from unlock_fast.evaluation.conditions import ConditionResult, ItemResult
 from unlock_fast.evaluation.null import (
+    behavioural_null,
     binomial_tail,
     holm,
     layer_test,
+    metric_values,
     permutation_p_value,
     prediction_p_value,
     spread,
@@ -30,15 +30,13 @@ from unlock_fast.evaluation.null import (
 )
 from unlock_fast.evaluation.null_keys import (
     SignFlipAccumulator,
-    cosine_matrix,
+    cosines,
     null_contrast_keys,
-    rademacher,
     random_cosines,
     random_keys,
     representational_null,
-    transfer_vectors,
 )
-from unlock_fast.evaluation.runner import ConditionResult, ItemResult
+from unlock_fast.evaluation.selection import choose_alpha, choose_rank
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -183,13 +181,23 @@ def _direction(vectors: torch.Tensor, info: ModelInfo) -> Direction:
     return Direction(vectors, list(range(info.num_layers)), "mean", 10, info)
 
 
-def test_transfer_vectors_equals_alignment_transfer() -> None:
+def rademacher(num: int, n: int, seed: int) -> torch.Tensor:
+    return SignFlipAccumulator([0], 1, num, n, seed).signs
+
+
+def test_null_contrast_keys_are_transferred_directions_with_the_keys_norms() -> None:
     al = _alignment(0)
     v = torch.randn(3, LS, DS, generator=torch.Generator().manual_seed(1))
-    many = transfer_vectors(al, v, list(range(LS)))
-    for j in range(3):
+    like = SteeringKey(torch.randn(LT, DT), list(range(LT)), TARGET, {"kind": "transfer"})
+    keys = null_contrast_keys(al, [_direction(v[j], SOURCE) for j in range(3)], like)
+    for j, key in enumerate(keys):
         one = al.transfer(_direction(v[j], SOURCE)).vectors
-        torch.testing.assert_close(many[j], one)
+        torch.testing.assert_close(key.vectors / key.vectors.norm(dim=1, keepdim=True),
+                                   one / one.norm(dim=1, keepdim=True))  # fmt: skip
+        torch.testing.assert_close(key.vectors.norm(dim=1), like.vectors.norm(dim=1))
+        assert key.origin == {"kind": "null_contrast", "index": j, "like": {"kind": "transfer"}}
+        for s, t in al.layer_map:  # one map for directions, whether one or many at once
+            torch.testing.assert_close(al.map_directions(v[:, s], t)[j], one[t])
 
 
 def test_planted_direction_beats_both_bands() -> None:
@@ -222,16 +230,22 @@ def test_random_band_holds_its_level_when_the_key_is_a_random_direction() -> Non
     assert rejected / SEEDS <= MAX_RATE
 
 
-def test_random_cosines_reproduce_key_cosines_band() -> None:
+def test_the_reported_cosine_band_is_that_of_the_random_draws() -> None:
     al = _alignment(7)
     gen = torch.Generator().manual_seed(8)
     key = al.transfer(_direction(torch.randn(LS, DS, generator=gen), SOURCE))
     own = _direction(torch.randn(LT, DT, generator=gen), TARGET)
-    ev = key_cosines(key, own, alignment=al, num_random=50, seed=3)
     res = representational_null(key, own, alignment=al, num_random=50, seed=3)
-    assert res.tests["random"].null_high == pytest.approx(ev.random_high, abs=1e-6)
-    assert res.cosine == pytest.approx(ev.cosine, abs=1e-6)
-    assert cosine_matrix([key], own, list(range(LT)))[0].tolist() == pytest.approx(res.cosine)
+    band = key_cosines(res)
+    draws = random_cosines(al, own, list(range(LT)), num=50, seed=3)
+    cos = torch.nn.functional.cosine_similarity(key.vectors.double(), own.vectors.double())
+    assert band["cosine"] == pytest.approx(cos.tolist(), abs=1e-12)
+    assert cosines([key], own, list(range(LT)))[0].tolist() == pytest.approx(res.cosine)
+    want_high = torch.quantile(draws, 0.975, dim=0).tolist()
+    assert band["random_high"] == pytest.approx(want_high, abs=1e-12)
+    assert band["exceed"] == pytest.approx((draws >= cos).double().mean(0).tolist())
+    assert band["num_random"] == 50
+    assert band["chance"] == pytest.approx(1.96 / math.sqrt(DT))
 
 
 # -- sign flips ------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from unlock_fast import (
 from unlock_fast.capture import layer_output, plan_batches
 from unlock_fast.cli import main
 from unlock_fast.estimator import Factors, RankClampedWarning, eigen_floor, fit_factors
-from unlock_fast.evaluation.experiment import run_transfer
+from unlock_fast.evaluation.conditions import Runner
+from unlock_fast.evaluation.evidence import run_transfer
 from unlock_fast.evaluation.problems import problem_splits
 from unlock_fast.layers import decoder_layers
 from unlock_fast.stats import Moments
@@ -395,7 +396,7 @@ def test_fit_settings_are_checked_before_any_forward_pass(pair, settings, messag
         fit_alignment(src, stok, tgt, ttok, PROMPTS, progress=False, **settings)
     problems = problem_splits({"train": 4}, seed=0)["train"]
     with pytest.raises(ValueError, match=message):
-        run_transfer(src, stok, tgt, ttok, problems, progress=False, **settings)
+        run_transfer(Runner(src, stok, progress=False), Runner(tgt, ttok), problems, **settings)
     assert counts == ([], [])
 
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from unlock_fast._optional import MissingDependency, require
+from unlock_fast.demo.plots import plot_accuracy_vs_alpha
 from unlock_fast.evaluation.grading import is_equivalent
-from unlock_fast.evaluation.report import plot_accuracy_vs_alpha
 
 
 def test_require_names_the_extra(monkeypatch):

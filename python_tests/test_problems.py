@@ -8,10 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from unlock_fast.evaluation.datasets import DatasetError, from_record, load_dataset_spec, load_jsonl
 from unlock_fast.evaluation.grading import extract_answer, is_equivalent
-from unlock_fast.evaluation.problems import PROBLEM_KINDS, generate_problems, problem_splits
-from unlock_fast.evaluation.prompts import format_prompt, format_prompts, use_chat
+from unlock_fast.evaluation.problems import (
+    PROBLEM_KINDS,
+    DatasetError,
+    from_record,
+    generate_problems,
+    load_dataset_spec,
+    load_jsonl,
+    problem_splits,
+)
+from unlock_fast.prompts import format_prompts, use_chat
 
 
 def test_same_seed_same_problems_and_prefix_stable() -> None:
@@ -117,16 +124,16 @@ class _ChatTok:
 
 def test_prompt_forms() -> None:
     q = "Tom has 3 apples. How many?"
-    assert format_prompt(q, "direct") == f"{q}\n\nAnswer:\n"
-    assert format_prompt(q, "cot") == f"{q}\n\nAnswer: Let's think step by step.\n"
+    assert format_prompts([q], "direct")[0] == f"{q}\n\nAnswer:\n"
+    assert format_prompts([q], "cot")[0] == f"{q}\n\nAnswer: Let's think step by step.\n"
     tok = _ChatTok()
     assert use_chat(tok, "auto")
     assert not use_chat(None, "auto")
-    chat = format_prompt(q, "cot", tokenizer=tok, chat=True)
+    chat = format_prompts([q], "cot", tokenizer=tok, chat=True)[0]
     # the BOS the tokenizer adds itself is not doubled; the answer prefix opens the reply
     assert chat == f"<user>{q}</user><assistant>Answer: Let's think step by step.\n"
-    assert format_prompts([q, q], "direct") == [format_prompt(q, "direct")] * 2
+    assert format_prompts([q, q], "direct") == format_prompts([q], "direct") * 2
     with pytest.raises(ValueError, match="style"):
-        format_prompt(q, "fancy")
+        format_prompts([q], "fancy")
     with pytest.raises(ValueError, match="no chat template"):
-        format_prompt(q, tokenizer=object(), chat=True)
+        format_prompts([q], tokenizer=object(), chat=True)

@@ -29,9 +29,9 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from unlock_fast import ModelInfo, SteeringKey, extract_direction, steer  # noqa: E402
 from unlock_fast.evaluation.problems import problem_splits  # noqa: E402
-from unlock_fast.evaluation.prompts import format_prompts  # noqa: E402
 from unlock_fast.layers import legacy_model_fingerprint  # noqa: E402
 from unlock_fast.loading import load_model, resolve_model, weights_source  # noqa: E402
+from unlock_fast.prompts import format_prompts  # noqa: E402
 from unlock_fast.vllm import steered_llm, unlock_params  # noqa: E402
 
 pytestmark = [

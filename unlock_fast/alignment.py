@@ -19,16 +19,14 @@ from torch.distributed import ProcessGroup
 from .artifacts import Alignment, AlignmentStats, ModelInfo
 from .capture import CapturedBatch
 from .collect import Side, lockstep
-from .estimator import EIG_RTOL, FitOptions, check_fit_settings
+from .estimator import check_fit_settings
 from .stats import Moments, check_accumulate
 
 __all__ = [
     "AlignmentAccumulator",
     "LayerMap",
-    "check_fit_options",
     "collect_alignment_stats",
     "fit_alignment",
-    "fit_options",
     "proportional_layer_map",
 ]
 
@@ -290,42 +288,6 @@ def collect_alignment_stats(
     return stats
 
 
-def fit_options(
-    solver: str | None = None,
-    oversample: int | None = None,
-    n_iter: int | None = None,
-    seed: int | None = None,
-    eig_rtol: float | None = None,
-) -> FitOptions:
-    """The solver settings that were given (not None), as keywords of
-    :meth:`AlignmentStats.fit <unlock_fast.AlignmentStats.fit>`; the rest keep its defaults."""
-    options = FitOptions()
-    if solver is not None:
-        options["solver"] = solver
-    if oversample is not None:
-        options["oversample"] = oversample
-    if n_iter is not None:
-        options["n_iter"] = n_iter
-    if seed is not None:
-        options["seed"] = seed
-    if eig_rtol is not None:
-        options["eig_rtol"] = eig_rtol
-    return options
-
-
-def check_fit_options(rank: int, ridge: float, options: FitOptions) -> None:
-    """Validate a fit's rank, ridge and solver settings before any forward pass."""
-    check_fit_settings(
-        [rank],
-        ridge,
-        eig_rtol=options.get("eig_rtol", EIG_RTOL),
-        solver=options.get("solver", "auto"),
-        oversample=options.get("oversample"),
-        n_iter=options.get("n_iter"),
-        seed=options.get("seed", 0),
-    )
-
-
 def fit_alignment(
     source_model: nn.Module,
     source_tokenizer: Any,
@@ -336,7 +298,7 @@ def fit_alignment(
     rank: int = 64,
     centered: bool = False,
     ridge: float = 0.0,
-    solver: str | None = None,
+    solver: str = "auto",
     oversample: int | None = None,
     n_iter: int | None = None,
     **collect_kwargs: Any,  # any keyword of collect_alignment_stats
@@ -344,11 +306,10 @@ def fit_alignment(
     """collect_alignment_stats(...) then .fit(rank, centered, ridge, solver settings).
 
     ``solver`` ("auto", "exact" or "randomized"), ``oversample`` and ``n_iter`` choose the
-    eigensolver (:mod:`unlock_fast.estimator`; None keeps the default, "auto"). The rank
-    and the settings are checked before any forward pass.
+    eigensolver (:mod:`unlock_fast.estimator`; None keeps its default). The rank and the
+    settings are checked before any forward pass.
     """
-    options = fit_options(solver, oversample, n_iter)
-    check_fit_options(rank, ridge, options)
+    check_fit_settings([rank], ridge, solver=solver, oversample=oversample, n_iter=n_iter)
     stats = collect_alignment_stats(
         source_model,
         source_tokenizer,
@@ -357,4 +318,4 @@ def fit_alignment(
         prompts,
         **collect_kwargs,
     )
-    return stats.fit(rank=rank, centered=centered, ridge=ridge, **options)
+    return stats.fit(rank, centered, ridge, solver=solver, oversample=oversample, n_iter=n_iter)

@@ -5,10 +5,7 @@ Grams for the centred variant):
 
     (λ_s, E_s) = top-k eigenpairs of G_ss,  E_t = top-k eigenvectors of G_tt
     M = diag(1/λ_s) E_sᵀ G_st E_t     (1/λ → 0 below pinv's floor; or 1/(λ + ridge))
-    T = E_s M E_tᵀ                     [d_s, d_t]
-
-which equals the per-sample formula pinv(H_s V_sᵀ) H_t V_tᵀ. T is kept factored
-(E_s, M, E_t). :func:`heldout_errors` scores a fitted map on held-out moments.
+    T = E_s M E_tᵀ [d_s, d_t] = pinv(H_s V_sᵀ) H_t V_tᵀ (the per-sample formula), factored
 
 The eigensolver (``solver``):
 
@@ -20,9 +17,8 @@ The eigensolver (``solver``):
   ||G e - λ e|| <= RITZ_TOL·λ, and the dense decomposition runs when the check fails (or
   when it is about as cheap: N near d).
 - ``"exact"``: the dense decomposition at k = min(N, d).
-- ``"randomized"``: the sketch at the largest requested rank only, with ``oversample``
-  (default max(10, k)) and ``n_iter`` (default 4) and no check: fast for large d, but
-  approximate, and a rank's map may then depend on the other ranks fitted with it.
+- ``"randomized"``: the sketch at the largest rank only (``oversample`` default max(10, k),
+  ``n_iter`` 4), unchecked: fast for large d, approximate, ranks fitted together interact.
 """
 
 from __future__ import annotations
@@ -31,7 +27,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Any
 
 import torch
 
@@ -39,17 +35,10 @@ from . import ops
 from .stats import Moments
 
 __all__ = [
-    "EIG_RTOL",
-    "RITZ_TOL",
-    "SOLVERS",
-    "Factors",
-    "FitOptions",
-    "RankClampedWarning",
-    "check_fit_settings",
-    "eigen_floor",
-    "fit_factors",
-    "heldout_errors",
-]
+    "EIG_RTOL", "RITZ_TOL", "SOLVERS", "Eigenbasis", "Factors", "RankClampedWarning",
+    "check_fit_settings", "eigen_floor", "eigenbasis", "fit_factors", "heldout_errors",
+    "pair_factors"
+]  # fmt: skip
 
 # An extra floor on the Source eigenvalues, relative to tr(C_ss) (0: pinv's rule alone).
 EIG_RTOL = 0.0
@@ -75,17 +64,6 @@ class RankClampedWarning(UserWarning):
     """A requested rank exceeded min(N, d_s, d_t) and was lowered to it."""
 
 
-class FitOptions(TypedDict, total=False):
-    """Solver settings of a fit, each optional: those not given keep the defaults of
-    :func:`fit_factors`."""
-
-    solver: str
-    oversample: int
-    n_iter: int
-    seed: int
-    eig_rtol: float
-
-
 @dataclass
 class Factors:
     """A fitted map per layer pair, stacked over P pairs: T_i = E_s[i] M[i] E_t[i]ᵀ.
@@ -106,25 +84,6 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check_solver_settings(ranks: Sequence[int], ridge: float, eig_rtol: float) -> list[int]:
-    """Validate the ranks, ridge and eigenvalue floor; returns the ranks as a list."""
-    ranks = list(ranks)
-    for r in ranks:
-        if not _is_int(r) or r < 1:
-            raise ValueError(f"rank must be a positive int, got {r!r}")
-    if not ranks:
-        raise ValueError("ranks must not be empty")
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
-        raise ValueError(f"ridge must be a finite float >= 0, got {ridge!r}")
-    if ridge < 0 or not math.isfinite(ridge):
-        raise ValueError(f"ridge must be a finite float >= 0, got {ridge!r}")
-    if isinstance(eig_rtol, bool) or not isinstance(eig_rtol, (int, float)):
-        raise ValueError(f"eig_rtol must be in [0, 1), got {eig_rtol!r}")
-    if not 0 <= eig_rtol < 1:
-        raise ValueError(f"eig_rtol must be in [0, 1), got {eig_rtol!r}")
-    return ranks
-
-
 def check_fit_settings(
     ranks: Sequence[int],
     ridge: float = 0.0,
@@ -136,7 +95,25 @@ def check_fit_settings(
     seed: int = 0,
 ) -> list[int]:
     """Validate every setting of a fit (before any forward pass); returns the ranks."""
-    ranks = check_solver_settings(ranks, ridge, eig_rtol)
+    ranks = list(ranks)
+    for r in ranks:
+        if not _is_int(r) or r < 1:
+            raise ValueError(f"rank must be a positive int, got {r!r}")
+    if not ranks:
+        raise ValueError("ranks must not be empty")
+    if (
+        isinstance(ridge, bool)
+        or not isinstance(ridge, (int, float))
+        or ridge < 0
+        or not math.isfinite(ridge)
+    ):
+        raise ValueError(f"ridge must be a finite float >= 0, got {ridge!r}")
+    if (
+        isinstance(eig_rtol, bool)
+        or not isinstance(eig_rtol, (int, float))
+        or not 0 <= eig_rtol < 1
+    ):
+        raise ValueError(f"eig_rtol must be in [0, 1), got {eig_rtol!r}")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     for name, v in (("oversample", oversample), ("n_iter", n_iter)):
@@ -179,9 +156,8 @@ class _Solver:
 
 
 def _dense(g: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k eigenpairs by a dense decomposition: a sketch as wide as the matrix spans all of
-    it, so the result is exact whichever path the kernel takes (it takes the dense one)."""
-    return ops.eigh_topk(g, k, oversample=g.shape[0], n_iter=2, seed=seed)
+    """Top-k eigenpairs by the core's dense decomposition."""
+    return ops.eigh_topk(g, k, seed=seed, method="exact")
 
 
 def _ritz_ok(g: torch.Tensor, lam: torch.Tensor, vec: torch.Tensor, floor: float) -> bool:
@@ -287,27 +263,15 @@ def _side(
 
 
 def _resolve(
-    solver: str,
-    oversample: int | None,
-    n_iter: int | None,
-    seed: int,
-    kmax: int,
-    sums: torch.dtype,
+    solver: str, oversample: int | None, n_iter: int | None, seed: int, kmax: int, sums: torch.dtype
 ) -> _Solver:
     """The solver's settings, its defaults filled in (``sums``: the moments' dtype)."""
-    if solver == "randomized":
-        return _Solver(
-            solver,
-            max(10, kmax) if oversample is None else oversample,
-            _RANDOMIZED_N_ITER if n_iter is None else n_iter,
-            seed,
-        )
-    return _Solver(
-        solver,
-        _AUTO_OVERSAMPLE if oversample is None else oversample,
-        _AUTO_N_ITER[sums] if n_iter is None else n_iter,
-        seed,
+    randomized = solver == "randomized"
+    width = (
+        (max(10, kmax) if randomized else _AUTO_OVERSAMPLE) if oversample is None else oversample
     )
+    power = (_RANDOMIZED_N_ITER if randomized else _AUTO_N_ITER[sums]) if n_iter is None else n_iter
+    return _Solver(solver, width, power, seed)
 
 
 def _clamped_ranks(ranks: list[int], n: int, ds: int, dt: int) -> dict[int, int]:
@@ -350,15 +314,10 @@ def fit_factors(
     Source eigenvalues at or below :func:`eigen_floor` (and below ``eig_rtol``·tr(C_ss)
     when that is given) are dropped, as pinv drops small singular values.
     """
-    ranks = check_fit_settings(
-        ranks,
-        ridge,
-        eig_rtol=eig_rtol,
-        solver=solver,
-        oversample=oversample,
-        n_iter=n_iter,
-        seed=seed,
+    settings: dict[str, Any] = dict(
+        eig_rtol=eig_rtol, solver=solver, oversample=oversample, n_iter=n_iter
     )
+    ranks = check_fit_settings(ranks, ridge, seed=seed, **settings)
     if not moments or moments[0].rows == 0:
         raise ValueError("these statistics hold no rows; collect some prompts first")
     n = moments[0].rows
@@ -370,7 +329,7 @@ def fit_factors(
     # The decomposition's rank: the same for every rank list unless the sketch is asked for.
     k_s = kmax if solver == "randomized" else min(n, ds)
     k_t = kmax if solver == "randomized" else min(n, dt)
-    parts: dict[int, dict[str, list[torch.Tensor]]] = {r: {} for r in ranks}  # unique
+    parts: dict[int, list[dict[str, torch.Tensor]]] = {r: [] for r in ranks}  # unique
     for i, m in enumerate(moments):
         how = _resolve(solver, oversample, n_iter, seed, kmax, m.dtype)
         try:
@@ -389,28 +348,69 @@ def fit_factors(
                 f"the statistics of layer pair {i} hold NaN or Inf (non-finite activations "
                 "were accumulated); collect them again"
             ) from None
+        means = (m.mean("x"), m.mean("y")) if centered else None
         for r in parts:  # the same operations on the same slices, whatever the other ranks
-            k = ks[r]
-            lk = lam[:k].to(torch.float64)
-            esk, etk = es[:, :k], et[:, :k]
-            inv = _inverse_eigenvalues(lk, ridge, floor)
-            core = inv[:, None] * cross[:k, :k]  # [k, k]
-            got = {"es": esk, "core": core, "et": etk, "lam": lk}
-            if centered:
-                got.update(ms=m.mean("x"), mt=m.mean("y"))
-            for name, t in got.items():
-                parts[r].setdefault(name, []).append(t.float().cpu() if name != "lam" else t.cpu())
-    out: dict[int, Factors] = {}
-    for r, p in parts.items():
-        out[r] = Factors(
-            source_basis=torch.stack(p["es"]),
-            core=torch.stack(p["core"]),
-            target_basis=torch.stack(p["et"]),
-            eigenvalues=torch.stack(p["lam"]),
-            source_mean=torch.stack(p["ms"]) if centered else None,
-            target_mean=torch.stack(p["mt"]) if centered else None,
-        )
-    return out
+            parts[r].append(_rank_parts(lam, es, et, cross, floor, ks[r], ridge, means))
+    return {r: _stack(p) for r, p in parts.items()}
+
+
+def _rank_parts(
+    lam: torch.Tensor,
+    es: torch.Tensor,
+    et: torch.Tensor,
+    cross: torch.Tensor,
+    floor: float,
+    k: int,
+    ridge: float,
+    means: tuple[torch.Tensor, torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    """One layer pair's map at rank k from its eigenpairs and E_sᵀ G_st E_t (``cross``)."""
+    lk = lam[:k].to(torch.float64)
+    core = _inverse_eigenvalues(lk, ridge, floor)[:, None] * cross[:k, :k]  # [k, k]
+    got = {"es": es[:, :k], "core": core, "et": et[:, :k]}
+    if means is not None:
+        got.update(ms=means[0], mt=means[1])
+    return {name: t.float().cpu() for name, t in got.items()} | {"lam": lk.cpu()}
+
+
+def _stack(parts: list[dict[str, torch.Tensor]]) -> Factors:
+    def stack(name: str) -> torch.Tensor:
+        return torch.stack([p[name] for p in parts])
+
+    means = (stack("ms"), stack("mt")) if "ms" in parts[0] else (None, None)
+    return Factors(stack("es"), stack("core"), stack("et"), stack("lam"), *means)
+
+
+# Top-k eigenpairs of one model's Gram: values [k] descending, vectors [d, k], and the floor
+# at or below which a Source eigenvalue counts as zero.
+Eigenbasis = tuple[torch.Tensor, torch.Tensor, float]
+
+
+def eigenbasis(m: Moments, k: int, *, centered: bool, eig_rtol: float = EIG_RTOL) -> Eigenbasis:
+    """The top-``k`` eigenpairs of the Gram of one model's moments ``m`` by the dense solver
+    :func:`fit_factors` uses: one decomposition serves every map that reads it."""
+    check_fit_settings([k], eig_rtol=eig_rtol)
+    if m.rows == 0:
+        raise ValueError("these statistics hold no rows; collect some prompts first")
+    lam, vec = _dense(m.gram("xx", centered=centered), min(k, m.rows, m.dim_x), 0)
+    return lam, vec, _FloorFn(m, "xx", eig_rtol)(float(lam[0]))
+
+
+def pair_factors(
+    source: Eigenbasis,
+    target: Eigenbasis,
+    cross: torch.Tensor,
+    *,
+    ridge: float = 0.0,
+    means: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Factors:
+    """One layer pair's map (P = 1) from both sides' :func:`eigenbasis` and the cross Gram
+    G_st [d_s, d_t]: M = diag(1/λ_s) E_sᵀ G_st E_t, as :func:`fit_factors` forms it; ``means``
+    (Source, Target) for the centred variant."""
+    (lam, es, floor), (_, et, _) = source, target
+    k = min(es.shape[1], et.shape[1])
+    es, et = es[:, :k].to(cross), et[:, :k].to(cross)
+    return _stack([_rank_parts(lam, es, et, es.T @ cross @ et, floor, k, ridge, means)])
 
 
 def heldout_errors(

@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from ..distributed import all_reduce_sum_
-from ..estimator import EIG_RTOL, Factors, check_solver_settings, fit_factors, heldout_errors
+from ..estimator import EIG_RTOL, Factors, fit_factors, heldout_errors
 from ..stats import Moments
 from .direction import Direction
 from .key import SteeringKey
@@ -122,7 +122,6 @@ class AlignmentStats:
         seed: int = 0,
     ) -> dict[int, Alignment]:
         """Alignments for several ranks from one eigendecomposition per layer pair."""
-        ranks = check_solver_settings(ranks, ridge, eig_rtol)
         factors = fit_factors(
             self.moments,
             ranks,
@@ -273,8 +272,19 @@ class Alignment:
         x = h_source.float().to(self.core.device)
         if self.source_mean is not None:
             x = x - self.source_mean[i]
-        y = ((x @ self.source_basis[i]) @ self.core[i]) @ self.target_basis[i].T
+        y = self._linear(i, x)
         return y + self.target_mean[i] if self.target_mean is not None else y
+
+    def map_directions(self, v: torch.Tensor, target_layer: int) -> torch.Tensor:
+        """Source directions v [n, d_s] (differences: no means) mapped to the Target at one
+        target layer, v @ T [n, d_t], as :meth:`transfer` maps a direction."""
+        ds = self.source.hidden_size
+        if v.dim() != 2 or v.shape[1] != ds:
+            raise ValueError(f"v must be [n, {ds}], got {list(v.shape)}")
+        return self._linear(self._pair(target_layer), v.float())
+
+    def _linear(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return ((x @ self.source_basis[i]) @ self.core[i]) @ self.target_basis[i].T
 
     def _factors(self) -> Factors:
         return Factors(
@@ -309,7 +319,7 @@ class Alignment:
         rows = []
         for i, (s, _) in enumerate(self.layer_map):
             v = direction.vector(s).float()
-            rows.append(((v @ self.source_basis[i]) @ self.core[i]) @ self.target_basis[i].T)
+            rows.append(self._linear(i, v))
         return SteeringKey(
             vectors=torch.stack(rows),
             layers=self.target_layers,

@@ -80,6 +80,67 @@ class SteeringKey:
             raise KeyError(f"layer {layer} is not in this key (layers {self.layers})")
         return self.vectors[self.layers.index(layer)]
 
+    # The algebra of keys: what repeng's ControlVector offers, per layer.
+
+    def _like(self, vectors: torch.Tensor, layers: Sequence[int], **origin: object) -> SteeringKey:
+        return SteeringKey(vectors, list(layers), self.model, {**self.origin, **origin})
+
+    def _check_same(self, other: object) -> SteeringKey:
+        if not isinstance(other, SteeringKey):
+            raise TypeError(f"expected a SteeringKey, got {type(other).__name__}")
+        if other.model.hidden_size != self.model.hidden_size or other.layers != self.layers:
+            raise ValueError(
+                f"the keys differ in model or layers: {self.model.name!r} {self.layers} and "
+                f"{other.model.name!r} {other.layers}"
+            )
+        return other
+
+    def scale(self, factor: float) -> SteeringKey:
+        """The key times ``factor`` at every layer."""
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            raise TypeError(f"factor must be a float, got {type(factor).__name__}")
+        return self._like(self.vectors * float(factor), self.layers)
+
+    def __mul__(self, factor: float) -> SteeringKey:
+        return self.scale(factor)
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> SteeringKey:
+        return self.scale(-1.0)
+
+    def __add__(self, other: SteeringKey) -> SteeringKey:
+        return self._like(self.vectors + self._check_same(other).vectors, self.layers)
+
+    def __sub__(self, other: SteeringKey) -> SteeringKey:
+        return self._like(self.vectors - self._check_same(other).vectors, self.layers)
+
+    def select(self, layers: Sequence[int]) -> SteeringKey:
+        """The key at ``layers`` only (steering leaves the other layers alone)."""
+        chosen = [int(x) for x in layers]
+        if not chosen or any(x not in self.layers for x in chosen):
+            raise ValueError(
+                f"layers {chosen} must be a non-empty subset of the key's {self.layers}"
+            )
+        rows = torch.stack([self.vector(x) for x in chosen]).clone()
+        return self._like(rows, chosen, layers_subset=chosen)
+
+    def with_norms_of(self, other: SteeringKey) -> SteeringKey:
+        """This key's directions with ``other``'s per-layer norms (same model and layers)."""
+        norms = self._check_same(other).vectors.double().norm(dim=-1)
+        return SteeringKey(_with_norms(self.vectors, norms), self.layers, self.model, self.origin)
+
+    @classmethod
+    def random_like(cls, key: SteeringKey, *, seed: int = 0) -> SteeringKey:
+        """Gaussian random directions with ``key``'s per-layer norms (a control key)."""
+        if not isinstance(key, SteeringKey):
+            raise TypeError(f"key must be a SteeringKey, got {type(key).__name__}")
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(key.vectors.shape, generator=gen, dtype=torch.float64)
+        vectors = _with_norms(noise, key.vectors.double().norm(dim=-1))
+        origin = {"kind": "random_control", "seed": seed, "like": dict(key.origin)}
+        return cls(vectors, list(key.layers), key.model, origin)
+
     def save_pretrained(self, path: PathLike) -> None:
         meta = {"layers": self.layers, "model": self.model.to_dict(), "origin": self.origin}
         save_artifact(path, "steering_key", {"vectors": self.vectors}, meta)
@@ -105,6 +166,12 @@ class SteeringKey:
                 check_fingerprint=check_fingerprint,
             )
         return key
+
+
+def _with_norms(vectors: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Rows of ``vectors`` [..., L, d] rescaled to ``norms`` [L] (float64 math, float32 out)."""
+    v = vectors.double()
+    return (v / v.norm(dim=-1, keepdim=True).clamp_min(1e-300) * norms[:, None]).float()
 
 
 @runtime_checkable

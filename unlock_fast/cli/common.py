@@ -15,12 +15,12 @@ import torch
 
 from .. import Direction, SteeringKey, load_artifact
 from .._optional import MissingDependency
-from ..evaluation.datasets import DatasetError, Problem, load_dataset_spec
-from ..evaluation.experiment import TransferRun, run_transfer
-from ..evaluation.problems import problem_splits
-from ..evaluation.prompts import use_chat
+from ..evaluation.conditions import Runner
+from ..evaluation.evidence import TransferRun, run_transfer
+from ..evaluation.problems import DatasetError, Problem, load_dataset_spec, problem_splits
 from ..evaluation.report import alignment_table, write_json
 from ..loading import ModelNotFoundError, load_model
+from ..prompts import use_chat
 
 __all__ = [
     "Command",
@@ -142,27 +142,15 @@ def fit_transfer(args: argparse.Namespace, *, with_direction: bool) -> TransferR
     if args.n_heldout:
         sizes["heldout"] = args.n_heldout
     splits = problems(args, sizes)
+    kw = dict(batch_size=args.batch_size, progress=not args.no_progress)
+    source = Runner(smodel, stok, chat_for(stok, args.source_chat), **kw)
+    target = Runner(tmodel, ttok, chat_for(ttok, args.target_chat), **kw)
     return run_transfer(
-        smodel,
-        stok,
-        tmodel,
-        ttok,
-        splits["train"],
-        splits.get("heldout"),
-        rank=args.rank,
-        method=getattr(args, "method", "mean"),
-        centered=args.centered,
-        ridge=args.ridge,
-        source_chat=chat_for(stok, args.source_chat),
-        target_chat=chat_for(ttok, args.target_chat),
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        with_direction=with_direction,
-        accumulate=args.accumulate,
-        solver=args.solver,
-        oversample=args.oversample,
-        n_iter=args.power_iters,
-    )
+        source, target, splits["train"], splits.get("heldout"), rank=args.rank,
+        method=getattr(args, "method", "mean"), centered=args.centered, ridge=args.ridge,
+        with_direction=with_direction, accumulate=args.accumulate,
+        solver=args.solver or "auto", oversample=args.oversample, n_iter=args.power_iters,
+    )  # fmt: skip
 
 
 def write_diagnostics(run: TransferRun, out: Path) -> None:

@@ -4,16 +4,20 @@ over rank x alpha x N."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from .._optional import MissingDependency
+from ..evaluation.conditions import CONDITIONS, EvaluationResult, Runner
 from ..evaluation.evidence import behavioural_evidence
-from ..evaluation.grid import grid_search
-from ..evaluation.null_report import behavioural_null_table, plot_null_spread
-from ..evaluation.report import condition_table, write_json
-from ..evaluation.runner import CONDITIONS, EvaluationResult, evaluate_conditions
+from ..evaluation.report import (
+    behavioural_null_table,
+    condition_table,
+    plot_null_spread,
+    write_json,
+    write_null_items,
+)
+from ..evaluation.selection import grid_search
 from .common import UsageError, chat_for, load, load_key, problems
 from .options import (
     add_command,
@@ -110,36 +114,23 @@ def run(args: argparse.Namespace) -> int:
         )
     out = Path(args.out)
     tmodel, ttok = load(args, "target")
-    tchat = chat_for(ttok, args.target_chat)
+    target = Runner(
+        tmodel, ttok, chat_for(ttok, args.target_chat), args.alpha, args.mode, args.positions,
+        args.max_new_tokens, args.batch_size, not args.no_progress,
+    )  # fmt: skip
     result: EvaluationResult
     payload: dict[str, Any]
     extra = ""
     if args.key is not None:
         key = load_key(args.key, tmodel)
         test = problems(args, {"test": args.n})["test"]
-        result = evaluate_conditions(
-            tmodel,
-            ttok,
-            test,
-            key=key,
-            alpha=args.alpha,
-            conditions=conditions,
-            chat=tchat,
-            mode=args.mode,
-            positions=args.positions,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            progress=not args.no_progress,
-        )
+        result = target.evaluate(test, key, conditions=conditions, seed=args.seed)
         payload = result.to_dict()
         null_keys = [load_key(k, tmodel) for k in (args.null_keys or "").split(",") if k]
         if args.random_keys > 1 or null_keys:
             null, families = behavioural_evidence(
-                tmodel, ttok, test, result, key, num_random=args.random_keys,
-                contrast_keys=null_keys, seed=args.seed, alpha=args.alpha, chat=tchat,
-                mode=args.mode, positions=args.positions, max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size, progress=not args.no_progress,
+                target, test, result, key, num_random=args.random_keys,
+                contrast_keys=null_keys, seed=args.seed,
             )  # fmt: skip
             if null is not None:
                 payload["behavioural_null"] = null.to_dict()
@@ -152,24 +143,9 @@ def run(args: argparse.Namespace) -> int:
         ns = args.ns or [args.n_train]
         splits = problems(args, {"train": max(ns), "heldout": args.n_heldout, "test": args.n})
         grid = grid_search(
-            smodel,
-            stok,
-            tmodel,
-            ttok,
-            splits["train"],
-            splits["heldout"],
-            splits["test"],
-            ranks=args.ranks,
-            alphas=args.alphas,
-            ns=ns,
-            source_chat=chat_for(stok, args.source_chat),
-            target_chat=tchat,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            conditions=conditions,
-            progress=not args.no_progress,
-        )
+            (smodel, stok), target, splits, ranks=args.ranks, alphas=args.alphas, ns=ns,
+            source_chat=chat_for(stok, args.source_chat), seed=args.seed, conditions=conditions,
+        )  # fmt: skip
         result = grid.test
         payload = grid.to_dict()
         s = grid.selected
@@ -188,12 +164,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_null(out: Path, result: EvaluationResult, null: Any, families: dict[str, Any]) -> str:
     """null_items.jsonl and null_spread.png (when matplotlib is there); the report's text."""
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "null_items.jsonl").open("w", encoding="utf-8") as f:
-        for conds in families.values():
-            for c in conds:  # the random condition itself is in items.jsonl
-                if c is not result.conditions.get(c.name):
-                    f.writelines(json.dumps(it.to_dict()) + "\n" for it in c.items)
+    write_null_items(families, result, out / "null_items.jsonl")
     text = "\n\nUNLOCK against null keys (one-sided permutation p per measure):\n\n"
     text += behavioural_null_table(null)
     try:

@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from .. import extract_direction
-from ..evaluation.prompts import format_prompts
+from ..prompts import format_prompts
 from .common import chat_for, load, problems
 from .options import add_command, add_data, add_model, add_output, add_runtime, layer_spec
 

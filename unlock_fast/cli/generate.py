@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..evaluation.prompts import format_prompts
-from ..evaluation.runner import generate
+from ..evaluation.conditions import Runner
+from ..prompts import format_prompts
 from .common import UsageError, chat_for, load, load_key
 from .options import add_command, add_max_new_tokens, add_model, add_runtime, add_steering
 
@@ -66,32 +66,19 @@ def run(args: argparse.Namespace) -> int:
         prompts = format_prompts(
             prompts, args.template, tokenizer=tok, chat=chat_for(tok, args.model_chat)
         )
-    steered = generate(
-        model,
-        tok,
-        prompts,
-        key=key,
-        alpha=args.alpha,
-        mode=args.mode,
-        positions=args.positions,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        stop_strings=None,
-    )
+    runner = Runner(
+        model, tok, alpha=args.alpha, mode=args.mode, positions=args.positions,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=False,
+        stop_strings=(),
+    )  # fmt: skip
+    steered = [text for text, _ in runner.generate(prompts, key)]
     plain = None
     if args.compare and key is not None:
-        plain = generate(
-            model,
-            tok,
-            prompts,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            stop_strings=None,
-        )
+        plain = [text for text, _ in runner.generate(prompts)]
     label = f"steered (alpha={args.alpha})" if key is not None else "output"
     for i, prompt in enumerate(prompts):
         print(f"=== prompt {i + 1}\n{prompt}")
-        print(f"--- {label}\n{steered[i].text}")
+        print(f"--- {label}\n{steered[i]}")
         if plain is not None:
-            print(f"--- unsteered\n{plain[i].text}")
+            print(f"--- unsteered\n{plain[i]}")
     return 0

@@ -1,41 +1,19 @@
-"""Evaluation harness: items, prompts, grading, metrics, the four conditions, grid, report.
+"""Evaluation: is a transferred key better than chance, and by how much.
 
-The data flows: problems (:mod:`.datasets`, :mod:`.problems`) -> prompts (:mod:`.prompts`)
--> generation under each condition (:mod:`.runner`) -> grading (:mod:`.grading`) ->
-metrics (:mod:`.metrics`) -> report (:mod:`.report`). :mod:`.experiment` builds the key and
-its representational evidence; :mod:`.grid` selects settings on a held-out split.
-
-The evidence against chance: :mod:`.null_keys` (random keys and sign-flip null-contrast
-keys through the same alignment), :mod:`.null` (permutation p-values, bands, layer counts,
-max-statistic), :mod:`.behaviour` and :mod:`.evidence` (the key within those nulls, per
-measure and per layer), :mod:`.correspondence` (layer pairing by held-out R² or linear CKA),
-:mod:`.layer_subset` (steer only the well-aligned layers), :mod:`.alphas` (the held-out alpha
-sweep) and :mod:`.null_report` (their tables and plots).
+By concept, each module importing only those before it: :mod:`.grading`, :mod:`.problems`,
+:mod:`.conditions` (generation, the four conditions), :mod:`.selection`
+(held-out choices), :mod:`.null` and :mod:`.null_keys`, :mod:`.correspondence` and
+:mod:`.evidence`, :mod:`.report`.
 """
 
 from __future__ import annotations
 
-from .datasets import Problem, load_dataset_spec, load_jsonl
-from .grading import extract_answer, grade, is_equivalent, shows_steps
-from .metrics import Accuracy, PairedComparison, accuracy, paired_comparison, wilson_interval
-from .problems import generate_problems, problem_splits
-from .prompts import format_prompt, format_prompts
+from .conditions import CONDITIONS, EvaluationResult, Runner
+from .grading import accuracy, extract_answer, grade, is_equivalent, paired_comparison
+from .problems import Problem, generate_problems, load_dataset_spec, load_jsonl, problem_splits
 
 __all__ = [
-    "Accuracy",
-    "PairedComparison",
-    "Problem",
-    "accuracy",
-    "extract_answer",
-    "format_prompt",
-    "format_prompts",
-    "generate_problems",
-    "grade",
-    "is_equivalent",
-    "load_dataset_spec",
-    "load_jsonl",
-    "paired_comparison",
-    "problem_splits",
-    "shows_steps",
-    "wilson_interval",
-]
+    "CONDITIONS", "EvaluationResult", "Problem", "Runner", "accuracy", "extract_answer",
+    "generate_problems", "grade", "is_equivalent", "load_dataset_spec",
+    "load_jsonl", "paired_comparison", "problem_splits"
+]  # fmt: skip

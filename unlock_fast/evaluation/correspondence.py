@@ -1,23 +1,10 @@
 """Where to steer: which Source layer feeds each Target layer, and which layers to steer.
 
-Proportional depth pairs Target layer t with Source layer floor((L_s - 1) t / (L_t - 1)).
-:func:`select_layer_map` pairs each Target layer with the Source layer whose activations
-predict it best instead, judged on a held-out split by one of two criteria:
-
-- ``"r2"``: held-out centred R² of the rank-k map fitted on the training statistics (the
-  alignment's estimator: the same map as ``AlignmentStats.fit``, scored by
-  :func:`~unlock_fast.estimator.heldout_errors` as ``Alignment.diagnose`` does);
-- ``"cka"``: linear CKA of the held-out statistics, ||C_st||²_F / (||C_ss||_F ||C_tt||_F)
-  with the centred Grams C (no fit).
-
-Both come from streaming statistics (:class:`CorrespondenceStats`): float64
-:class:`~unlock_fast.stats.Moments` of every candidate layer of each model, and one cross
-sum Σ (x - a_s)(y - a_t)ᵀ per candidate pair (``cross_dtype``, float32 by default: for
-all 30 x 18 pairs of SmolLM2-135M and Gemma-3-270M that is 0.8 GB).
-
-The rank-k maps of all candidate pairs share one eigendecomposition per layer (the
-estimator's formula and eigenvalue floor with a dense eigensolver), so scoring every pair
-costs about as much as fitting one map per layer. Layer subsets: :mod:`.layer_subset`.
+:func:`select_layer_map` pairs each Target layer with the Source layer that predicts it best
+on held-out items (``"r2"``: centred R² of the rank-k map, one eigendecomposition per layer
+for all pairs; ``"cka"``: linear CKA of the centred Grams), against proportional depth.
+:func:`select_layer_subset` keeps the layers above a held-out R² cut (given, or 1-D
+two-means). The cross sums of all 30 x 18 pairs of SmolLM2 and Gemma-3 take 0.8 GB in fp32.
 """
 
 from __future__ import annotations
@@ -33,24 +20,20 @@ from torch import nn
 from ..alignment import proportional_layer_map
 from ..artifacts import AlignmentStats, ModelInfo
 from ..collect import Side, check_prompts, lockstep
-from ..estimator import Factors, eigen_floor, heldout_errors
+from ..estimator import Eigenbasis, check_fit_settings, eigenbasis, heldout_errors, pair_factors
 from ..stats import Moments
 
 __all__ = [
-    "CRITERIA",
-    "CorrespondenceStats",
-    "LayerCorrespondence",
-    "collect_correspondence_stats",
-    "compare_layer_maps",
-    "pair_scores",
-    "select_layer_map",
-]
+    "CRITERIA", "CorrespondenceStats", "LayerCorrespondence", "LayerSubset",
+    "collect_correspondence_stats", "compare_layer_maps", "pair_scores", "select_layer_map",
+    "select_layer_subset"
+]  # fmt: skip
 
 CRITERIA = ("r2", "cka")
 Pair = tuple[int, int]
 
 
-@dataclass(repr=False)
+@dataclass
 class CorrespondenceStats:
     """Per-layer Moments of both models and the cross sums of candidate (s, t) pairs, from
     the same items (one row per item: the last prompt token)."""
@@ -63,24 +46,6 @@ class CorrespondenceStats:
     target: ModelInfo
     _norms: dict[tuple[str, int], float] = field(default_factory=dict, init=False, repr=False)
 
-    def __repr__(self) -> str:
-        return (
-            f"CorrespondenceStats(source={self.source.name!r}, target={self.target.name!r}, "
-            f"pairs={len(self.pairs)}, rows={self.num_rows})"
-        )
-
-    @property
-    def num_rows(self) -> int:
-        return int(next(iter(self.source_moments.values())).rows) if self.source_moments else 0
-
-    @property
-    def source_layers(self) -> list[int]:
-        return sorted({s for s, _ in self.pairs})
-
-    @property
-    def target_layers(self) -> list[int]:
-        return sorted({t for _, t in self.pairs})
-
     @classmethod
     def empty(
         cls,
@@ -90,16 +55,16 @@ class CorrespondenceStats:
         cross_dtype: torch.dtype = torch.float32,
     ) -> CorrespondenceStats:
         """Statistics of no rows yet for the candidate ``pairs`` of two models."""
+        pairs = sorted({(int(s), int(t)) for s, t in pairs}, key=lambda p: (p[1], p[0]))
         f64, ds, dt = torch.float64, source.hidden_size, target.hidden_size
-        pairs = [(int(s), int(t)) for s, t in pairs]
-        return cls(
-            pairs=pairs,
-            source_moments={s: Moments(ds, dtype=f64) for s in sorted({s for s, _ in pairs})},
-            target_moments={t: Moments(dt, dtype=f64) for t in sorted({t for _, t in pairs})},
-            cross={p: torch.zeros(ds, dt, dtype=cross_dtype) for p in pairs},
-            source=source,
-            target=target,
-        )
+        ms = {s: Moments(ds, dtype=f64) for s in sorted({s for s, _ in pairs})}
+        mt = {t: Moments(dt, dtype=f64) for t in sorted({t for _, t in pairs})}
+        cross = {p: torch.zeros(ds, dt, dtype=cross_dtype) for p in pairs}
+        return cls(pairs, ms, mt, cross, source, target)
+
+    @property
+    def num_rows(self) -> int:
+        return int(next(iter(self.source_moments.values())).rows) if self.source_moments else 0
 
     def update(self, x: dict[int, torch.Tensor], y: dict[int, torch.Tensor]) -> None:
         """Add one batch of rows per layer: Source ``x`` and Target ``y`` of the same items."""
@@ -124,65 +89,34 @@ class CorrespondenceStats:
         ms, mt = self.source_moments[s], self.target_moments[t]
         if ms.rows == 0:
             raise ValueError("these statistics hold no rows; collect some prompts first")
-        xs, ys = ms.state_dict(), mt.state_dict()
-        state = {
-            "dim_x": ms.dim_x,
-            "dim_y": mt.dim_x,
-            "count": ms.count,
-            "rows": ms.rows,
-            "shift_x": xs["shift_x"],
-            "sum_x": xs["sum_x"],
-            "gram_xx": xs["gram_xx"],
-            "shift_y": ys["shift_x"],
-            "sum_y": ys["sum_x"],
-            "gram_yy": ys["gram_xx"],
-            "gram_xy": self.cross[(s, t)].double(),
-        }
+        x, y = ms.state_dict(), mt.state_dict()
+        state = {k: x[k] for k in ("dim_x", "count", "rows", "shift_x", "sum_x", "gram_xx")}
+        state |= {"dim_y": mt.dim_x, "shift_y": y["shift_x"], "sum_y": y["sum_x"]}
+        state |= {"gram_yy": y["gram_xx"], "gram_xy": self.cross[(s, t)].double()}
         return Moments.from_state_dict(state)
 
     def alignment_stats(self, layer_map: Sequence[Pair]) -> AlignmentStats:
-        """AlignmentStats of a layer map made of collected pairs (one pair per Target layer),
-        ready to :meth:`~unlock_fast.AlignmentStats.fit`."""
+        """AlignmentStats of a layer map of collected pairs (one per Target layer)."""
         pairs = sorted(((int(s), int(t)) for s, t in layer_map), key=lambda p: p[1])
-        targets = [t for _, t in pairs]
-        if len(set(targets)) != len(targets) or not pairs:
+        if not pairs or len({t for _, t in pairs}) != len(pairs):
             raise ValueError(f"layer_map must pair each Target layer once, got {pairs}")
         moments = [self.pair(s, t) for s, t in pairs]
         return AlignmentStats(pairs, moments, self.source, self.target, False, self.num_rows)
 
-    def _norm(self, side: str, layer: int) -> float:
-        """||C||_F of one layer's centred Gram (kept: it does not change between pairs)."""
-        if (side, layer) not in self._norms:
-            m = (self.source_moments if side == "s" else self.target_moments)[layer]
-            self._norms[(side, layer)] = float(m.gram("xx", centered=True).norm())
-        return self._norms[(side, layer)]
-
-    def cross_gram(self, s: int, t: int, *, centered: bool = False) -> torch.Tensor:
-        """Σ x yᵀ of Source layer ``s`` and Target layer ``t`` (centred: around the means),
-        float64; the same as ``pair(s, t).gram("xy", centered=...)``."""
-        if (s, t) not in self.cross:
-            raise KeyError(f"layer pair ({s}, {t}) was not collected")
-        ms, mt = self.source_moments[s], self.target_moments[t]
-        if ms.shift_x is None or mt.shift_x is None:
-            raise ValueError("these statistics hold no rows; collect some prompts first")
-        tx, ty, n = ms.sum_x.double(), mt.sum_x.double(), ms.count
-        g = self.cross[(s, t)].double()
-        if centered:
-            return g - torch.outer(tx, ty) / n
-        ax, ay = ms.shift_x.double(), mt.shift_x.double()
-        return g + torch.outer(ax, ty) + torch.outer(tx, ay) + n * torch.outer(ax, ay)
-
     def cka(self, s: int, t: int) -> float:
         """Linear CKA of layers ``s`` and ``t`` from the centred Grams (nan without spread)."""
-        cxy = self.cross_gram(s, t, centered=True)
-        den = self._norm("s", s) * self._norm("t", t)
+        for side, layer in (("s", s), ("t", t)):  # ||C||_F of each layer, kept across pairs
+            if (side, layer) not in self._norms:
+                m = (self.source_moments if side == "s" else self.target_moments)[layer]
+                self._norms[(side, layer)] = float(m.gram("xx", centered=True).norm())
+        den = self._norms[("s", s)] * self._norms[("t", t)]
+        cxy = self.pair(s, t).gram("xy", centered=True)
         return float(cxy.norm() ** 2) / den if den > 0 else float("nan")
 
 
-def _layers(given: Sequence[int] | None, total: int, who: str) -> list[int]:
-    sel = list(range(total)) if given is None else sorted({int(x) for x in given})
-    bad = [x for x in sel if not 0 <= x < total]
-    if bad or not sel:
+def _layers(given: Sequence[int], total: int, who: str) -> list[int]:
+    sel = sorted({int(x) for x in given})
+    if not sel or any(not 0 <= x < total for x in sel):
         raise ValueError(f"{who} layers must be in [0, {total}), got {sel}")
     return sel
 
@@ -196,24 +130,14 @@ def collect_correspondence_stats(
     *,
     target_prompts: Sequence[str] | None = None,
     pairs: Sequence[Pair] | None = None,
-    source_layers: Sequence[int] | None = None,
-    target_layers: Sequence[int] | None = None,
-    source_layer_path: str | None = None,
-    target_layer_path: str | None = None,
     batch_size: int = 8,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
     cross_dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> CorrespondenceStats:
     """Stream the last-prompt-token rows of ``prompts`` (Source) and ``target_prompts``
-    (Target; default the same) into :class:`CorrespondenceStats`.
-
-    ``pairs``: the candidate (s, t) pairs; default every pair of ``source_layers`` x
-    ``target_layers`` (each default: every layer).
-    """
-    src = ModelInfo.of(source_model, source_layer_path)
-    tgt = ModelInfo.of(target_model, target_layer_path)
+    (Target; default the same) into statistics of the candidate ``pairs`` (default: every
+    Source layer with every Target layer)."""
+    src, tgt = ModelInfo.of(source_model), ModelInfo.of(target_model)
     sp = check_prompts("prompts", prompts)
     tp = sp if target_prompts is None else check_prompts("target_prompts", target_prompts)
     if len(tp) != len(sp):
@@ -221,25 +145,16 @@ def collect_correspondence_stats(
     if cross_dtype not in (torch.float32, torch.float64):
         raise TypeError(f"cross_dtype must be torch.float32 or torch.float64, got {cross_dtype}")
     if pairs is None:
-        ss = _layers(source_layers, src.num_layers, "source")
-        ts = _layers(target_layers, tgt.num_layers, "target")
-        cand = [(s, t) for t in ts for s in ss]
-    else:
-        cand = sorted({(int(s), int(t)) for s, t in pairs}, key=lambda p: (p[1], p[0]))
-        _layers([s for s, _ in cand], src.num_layers, "source")
-        _layers([t for _, t in cand], tgt.num_layers, "target")
-    stats = CorrespondenceStats.empty(cand, src, tgt, cross_dtype)
+        pairs = [(s, t) for t in range(tgt.num_layers) for s in range(src.num_layers)]
+    stats = CorrespondenceStats.empty(pairs, src, tgt, cross_dtype)
+    ss = _layers(list(stats.source_moments), src.num_layers, "source")
+    ts = _layers(list(stats.target_moments), tgt.num_layers, "target")
     sides = [
-        Side(source_model, source_tokenizer, sp, stats.source_layers, source_layer_path),
-        Side(target_model, target_tokenizer, tp, stats.target_layers, target_layer_path),
+        Side(source_model, source_tokenizer, sp, ss),
+        Side(target_model, target_tokenizer, tp, ts),
     ]
     with lockstep(
-        sides,
-        desc="layer correspondence",
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        progress=progress,
+        sides, desc="layer correspondence", batch_size=batch_size, progress=progress
     ) as batches:
         for a, b in batches:
             stats.update(a.rows, b.rows)
@@ -247,49 +162,31 @@ def collect_correspondence_stats(
 
 
 class _Fitter:
-    """Rank-k maps of candidate pairs of ``train``, one eigendecomposition per layer:
-    T = E_s diag(1/λ) E_sᵀ G_st E_t E_tᵀ, λ at or below the estimator's floor dropped."""
+    """Rank-k maps of candidate pairs of ``train``, one eigendecomposition per layer."""
 
     def __init__(self, train: CorrespondenceStats, rank: int, centered: bool, ridge: float):
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
-        if ridge < 0 or not math.isfinite(ridge):
-            raise ValueError(f"ridge must be a finite float >= 0, got {ridge!r}")
-        self.train, self.centered, self.ridge = train, centered, float(ridge)
-        n = train.num_rows
-        if n == 0:
+        check_fit_settings([rank], ridge)
+        if train.num_rows == 0:
             raise ValueError("the training statistics hold no rows")
-        self.k = min(rank, n, train.source.hidden_size, train.target.hidden_size)
-        self.eig: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.train, self.centered, self.ridge = train, centered, float(ridge)
+        self.k = min(rank, train.num_rows, train.source.hidden_size, train.target.hidden_size)
+        self.bases: dict[tuple[str, int], Eigenbasis] = {}
 
-    def _eigen(self, side: str, layer: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        if (side, layer) not in self.eig:
+    def _basis(self, side: str, layer: int) -> Eigenbasis:
+        if (side, layer) not in self.bases:
             m = (self.train.source_moments if side == "s" else self.train.target_moments)[layer]
-            lam, vec = torch.linalg.eigh(m.gram("xx", centered=self.centered))
-            lam, vec = lam.flip(0)[: self.k], vec.flip(1)[:, : self.k]
-            eps = torch.finfo(m.dtype).eps
-            floor = eigen_floor(float(lam[0]), m.trace("xx", centered=True), m.rows, m.dim_x, eps)
-            self.eig[(side, layer)] = (lam, vec, floor)
-        return self.eig[(side, layer)]
+            self.bases[(side, layer)] = eigenbasis(m, self.k, centered=self.centered)
+        return self.bases[(side, layer)]
 
-    def factors(self, s: int, t: int) -> Factors:
-        lam, es, floor = self._eigen("s", s)
-        _, et, _ = self._eigen("t", t)
-        if self.ridge > 0:
-            inv = 1.0 / (lam.clamp_min(0) + self.ridge)
-        else:
-            keep = lam > floor
-            inv = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), 0.0)
-        core = inv[:, None] * (es.T @ self.train.cross_gram(s, t, centered=self.centered) @ et)
-        ms, mt = self.train.source_moments[s], self.train.target_moments[t]
-        means = (ms.mean("x")[None].float(), mt.mean("x")[None].float())
-        return Factors(
-            es[None].float(), core[None].float(), et[None].float(), lam[None],
-            *(means if self.centered else (None, None)),
-        )  # fmt: skip
-
-    def heldout_r2(self, heldout: CorrespondenceStats, s: int, t: int) -> float:
-        return heldout_errors(self.factors(s, t), [0], [heldout.pair(s, t)])[1][0]
+    def r2(self, heldout: CorrespondenceStats, s: int, t: int) -> float:
+        """Held-out centred R² of the map of pair (s, t)."""
+        train = self.train.pair(s, t)
+        means = (train.mean("x"), train.mean("y")) if self.centered else None
+        cross = train.gram("xy", centered=self.centered)
+        f = pair_factors(
+            self._basis("s", s), self._basis("t", t), cross, ridge=self.ridge, means=means
+        )
+        return heldout_errors(f, [0], [heldout.pair(s, t)])[1][0]
 
 
 def pair_scores(
@@ -301,8 +198,7 @@ def pair_scores(
     centered: bool = False,
     ridge: float = 0.0,
 ) -> dict[Pair, float]:
-    """The criterion of every candidate pair present in both statistics (CKA reads only
-    ``heldout``)."""
+    """The criterion of every candidate pair present in both (CKA reads ``heldout`` only)."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     common = [p for p in heldout.pairs if p in train.cross]
@@ -311,16 +207,13 @@ def pair_scores(
     if criterion == "cka":
         return {p: heldout.cka(*p) for p in common}
     fitter = _Fitter(train, rank, centered, ridge)
-    return {p: fitter.heldout_r2(heldout, *p) for p in common}
+    return {p: fitter.r2(heldout, *p) for p in common}
 
 
 @dataclass
 class LayerCorrespondence:
-    """The chosen Source layer per Target layer, and the score of every candidate.
-
-    layer_map: (s, t) with the best held-out score per t; proportional: the
-    proportional-depth pairs of the same Target layers; scores: {"s,t": score}.
-    """
+    """The chosen Source layer per Target layer (``layer_map``: the best held-out score per
+    t), the proportional-depth pairs of the same Target layers, and every score {"s,t": v}."""
 
     criterion: str
     rank: int
@@ -341,18 +234,12 @@ def select_layer_map(
     *,
     criterion: str = "r2",
     rank: int = 32,
-    centered: bool = False,
-    ridge: float = 0.0,
 ) -> LayerCorrespondence:
     """Pair each Target layer with its best-scoring Source layer on the held-out split."""
-    scores = pair_scores(
-        train, heldout, criterion=criterion, rank=rank, centered=centered, ridge=ridge
-    )
+    scores = pair_scores(train, heldout, criterion=criterion, rank=rank)
     best: dict[int, Pair] = {}
     for (s, t), v in scores.items():
-        if not math.isfinite(v):
-            continue
-        if t not in best or v > scores[best[t]]:
+        if math.isfinite(v) and (t not in best or v > scores[best[t]]):
             best[t] = (s, t)
     if not best:
         raise ValueError("no layer pair has a finite score")
@@ -360,13 +247,9 @@ def select_layer_map(
         t: s for s, t in proportional_layer_map(train.source.num_layers, train.target.num_layers)
     }
     targets = sorted(best)
-    return LayerCorrespondence(
-        criterion=criterion,
-        rank=rank,
-        layer_map=[best[t] for t in targets],
-        proportional=[(prop[t], t) for t in targets],
-        scores={f"{s},{t}": v for (s, t), v in scores.items()},
-    )
+    layer_map, proportional = [best[t] for t in targets], [(prop[t], t) for t in targets]
+    all_scores = {f"{s},{t}": v for (s, t), v in scores.items()}
+    return LayerCorrespondence(criterion, rank, layer_map, proportional, all_scores)
 
 
 def compare_layer_maps(
@@ -375,13 +258,74 @@ def compare_layer_maps(
     maps: Mapping[str, Sequence[Pair]],
     *,
     rank: int = 32,
-    centered: bool = False,
-    ridge: float = 0.0,
 ) -> dict[str, list[float]]:
     """Centred R² on ``evaluation`` of the rank-k map fitted on ``train``, per pair of each
-    named layer map (in the map's Target-layer order)."""
-    fitter, out = _Fitter(train, rank, centered, ridge), {}
-    for name, layer_map in maps.items():
-        pairs = sorted(((int(s), int(t)) for s, t in layer_map), key=lambda p: p[1])
-        out[name] = [fitter.heldout_r2(evaluation, s, t) for s, t in pairs]
-    return out
+    named layer map (in Target-layer order)."""
+    fitter = _Fitter(train, rank, False, 0.0)
+    return {
+        name: [fitter.r2(evaluation, s, t) for s, t in sorted(layer_map, key=lambda p: p[1])]
+        for name, layer_map in maps.items()
+    }
+
+
+@dataclass
+class LayerSubset:
+    """The layers to steer: those whose held-out R² is above ``threshold``."""
+
+    layers: list[int]
+    threshold: float
+    rule: str
+    all_layers: list[int]
+    r2: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _two_group_split(values: list[float]) -> float:
+    """The threshold between the two groups of ``values`` with the smallest total
+    within-group variance (1-D two-means, exact over the sorted cut points)."""
+    v = sorted(values)
+    best, cut = math.inf, v[0] - 1.0
+    for i in range(1, len(v)):
+        lo, hi = v[:i], v[i:]
+        cost = sum((x - sum(lo) / len(lo)) ** 2 for x in lo) + sum(
+            (x - sum(hi) / len(hi)) ** 2 for x in hi
+        )
+        if cost < best - 1e-15:
+            best, cut = cost, (v[i - 1] + v[i]) / 2
+    return cut
+
+
+def _descending(v: float) -> float:
+    return -v if math.isfinite(v) else math.inf
+
+
+def select_layer_subset(
+    layers: Sequence[int],
+    r2: Sequence[float],
+    *,
+    threshold: float | None = None,
+    min_layers: int = 1,
+) -> LayerSubset:
+    """The layers with held-out R² > ``threshold``; with no threshold, the two-group split
+    of the held-out R² values (module docstring). At least ``min_layers`` layers (the best
+    ones) are kept."""
+    names, vals = [int(x) for x in layers], [float(x) for x in r2]
+    if len(names) != len(vals) or not names:
+        raise ValueError(f"layers and r2 must be non-empty and equal in length, got "
+                         f"{len(names)} and {len(vals)}")  # fmt: skip
+    if isinstance(min_layers, bool) or not isinstance(min_layers, int) or min_layers < 1:
+        raise ValueError(f"min_layers must be a positive int, got {min_layers!r}")
+    finite = [v for v in vals if math.isfinite(v)]
+    if threshold is not None:
+        cut, rule = float(threshold), "given threshold"
+    elif len(set(finite)) < 2:
+        cut, rule = -math.inf, "all layers (the held-out R² values do not split)"
+    else:
+        cut, rule = _two_group_split(finite), "two-group split of the held-out R²"
+    chosen = [n for n, v in zip(names, vals, strict=True) if math.isfinite(v) and v > cut]
+    if len(chosen) < min_layers:
+        ranked = sorted(zip(vals, names, strict=True), key=lambda p: _descending(p[0]))
+        chosen = sorted(n for _, n in ranked[:min_layers])
+    return LayerSubset(sorted(chosen), cut, rule, names, vals)

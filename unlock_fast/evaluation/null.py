@@ -1,22 +1,10 @@
-"""Where an observed statistic falls among the same statistic of null draws.
+"""Where the key falls among null draws (keys that should not carry the capability).
 
-The null draws are keys that should not carry the capability (random keys of the key's
-per-layer norms, keys from a shuffled contrast); the observed value is the transferred key's.
-Every test here is one-sided (the key is expected to be *larger*) and counts ties against
-the key, so each p-value is valid when the key and the null draws are exchangeable:
-
-- :func:`permutation_p_value`: p = (1 + #{null >= observed}) / (1 + n), exact but never
-  below 1 / (1 + n) (10 null keys cannot give p < 0.09);
-- :func:`prediction_p_value`: the same question under a normal model of the null draws
-  (Student-t prediction interval, n - 1 degrees of freedom): it can go below 1 / (1 + n),
-  and is exact when the draws are normal (a rate over hundreds of items nearly is);
-- :func:`spread`: min, quantiles, mean and max of the null draws (for tables and plots);
-- :func:`binomial_tail`: P(X >= k) for X ~ Binomial(n, p);
-- :func:`layer_test`: a per-layer statistic [L] against a null matrix [n, L]: per-layer
-  p-values, how many layers beat the null's ``level`` band against the count expected by
-  chance (with its binomial tail, exact for independent layers), and a family-wise
-  max-statistic p-value across layers that holds whatever the dependence between layers;
-- :func:`holm`: Holm's step-down adjustment of a few p-values (several metrics at once).
+Every test is one-sided and counts ties against the key, so it is valid when the key and
+the draws are exchangeable: the permutation p (1 + #{null >= key}) / (1 + n), its normal-model
+version (Student-t prediction interval), a per-layer test with a max-statistic p valid
+whatever the dependence between layers, Holm over measures, and the behavioural null: four
+measures of the key's condition against conditions steered by null keys on the same items.
 """
 
 from __future__ import annotations
@@ -28,17 +16,13 @@ from typing import Any
 
 import torch
 
+from .conditions import ConditionResult
+
 __all__ = [
-    "LayerTest",
-    "Spread",
-    "binomial_tail",
-    "holm",
-    "layer_test",
-    "permutation_p_value",
-    "prediction_p_value",
-    "spread",
-    "student_t_sf",
-]
+    "METRICS", "BehaviouralNull", "LayerTest", "MetricTest", "Spread", "behavioural_null",
+    "binomial_tail", "holm", "layer_test", "metric_values", "permutation_p_value",
+    "prediction_p_value", "spread"
+]  # fmt: skip
 
 
 def _finite_list(name: str, values: Sequence[float] | torch.Tensor) -> list[float]:
@@ -139,9 +123,6 @@ class Spread:
     max: float
     mean: float
 
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self)
-
 
 def spread(values: Sequence[float] | torch.Tensor) -> Spread:
     """The :class:`Spread` of ``values`` (at least one)."""
@@ -182,18 +163,12 @@ def holm(p_values: Mapping[str, float]) -> dict[str, float]:
 
 @dataclass
 class LayerTest:
-    """A per-layer statistic of the key against ``num_null`` null draws at every layer.
-
-    p_values: per layer, :func:`permutation_p_value` of the key among that layer's draws;
-    above: the layers where that p-value is <= 1 - ``level`` (the key beats the null's
-    ``level`` band, counting itself among the draws); expected: L·(1 - level), the count
-    expected by chance; binomial_p: P(Binomial(L, 1 - level) >= len(above)), exact for
-    independent layers (neighbouring layers are correlated, so read it as a guide);
-    max_p: the family-wise max-statistic p-value: each layer's values are standardised by
-    the mean and standard deviation of the key and the draws together, and the key's largest
-    standardised value across layers is ranked among each draw's largest (valid whatever
-    the dependence between layers); adjusted: per-layer single-step max-T adjusted p-values.
-    """
+    """A per-layer statistic of the key against ``num_null`` draws at every layer: per-layer
+    permutation ``p_values``; ``above``, the layers with p <= 1 - ``level``, against the
+    ``expected`` count and its ``binomial_p`` (exact for independent layers: a guide);
+    ``max_p``, the key's largest standardised value ranked among each draw's largest (valid
+    whatever the dependence between layers), and per-layer max-T ``adjusted`` p; ``exceed``,
+    the share of draws at least as large as the key; the band (``null_low``, ``null_high``)."""
 
     name: str
     layers: list[int]
@@ -209,10 +184,7 @@ class LayerTest:
     null_low: list[float]
     null_high: list[float]
     null_mean: list[float]
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
+    exceed: list[float]
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "num_above": len(self.above)}
@@ -221,7 +193,7 @@ class LayerTest:
         """One line: layers above the band against chance, and both p-values."""
         return (
             f"{self.name}: the key beats the {100 * self.level:g}% band at {len(self.above)}"
-            f"/{self.num_layers} layers (expected by chance {self.expected:.1f}; binomial "
+            f"/{len(self.layers)} layers (expected by chance {self.expected:.1f}; binomial "
             f"p={self.binomial_p:.2g}); max-statistic p={self.max_p:.2g} over "
             f"{self.num_null} draws"
         )
@@ -263,19 +235,75 @@ def layer_test(
     max_p = (1 + int((z_null_max >= z_obs.max()).sum())) / (1 + n)
     adjusted = [(1 + int((z_null_max >= zl).sum())) / (1 + n) for zl in z_obs.tolist()]
     q = torch.quantile(draws, torch.tensor([alpha, level], dtype=torch.float64), dim=0)
+    binomial = binomial_tail(len(above), len(names), alpha)
+    exceed = ((draws >= obs).sum(0).double() / n).tolist()
     return LayerTest(
-        name=name,
-        layers=names,
-        observed=obs.tolist(),
-        p_values=p,
-        above=above,
-        expected=len(names) * alpha,
-        binomial_p=binomial_tail(len(above), len(names), alpha),
-        max_p=max_p,
-        adjusted=adjusted,
-        level=level,
-        num_null=n,
-        null_low=q[0].tolist(),
-        null_high=q[1].tolist(),
-        null_mean=draws.mean(0).tolist(),
-    )
+        name, names, obs.tolist(), p, above, len(names) * alpha, binomial, max_p, adjusted, level,
+        n, q[0].tolist(), q[1].tolist(), draws.mean(0).tolist(), exceed,
+    )  # fmt: skip
+
+
+METRICS = {"accuracy": "accuracy", "step_rate": "shows steps"}
+METRICS |= {"answer_words": "mean answer length (words)", "final_rate": "final-answer phrase"}
+
+
+def metric_values(cond: ConditionResult) -> dict[str, float]:
+    """The four measures of one condition."""
+    c = cond
+    values = (c.accuracy.value, c.step_rate, c.mean_answer_words, c.final_rate)
+    return dict(zip(METRICS, values, strict=True))
+
+
+@dataclass
+class MetricTest:
+    """One measure of the key against one null family."""
+
+    metric: str
+    key: float
+    null: list[float]
+    p_value: float
+    holm_p: float
+    normal_p: float
+    spread: Spread
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BehaviouralNull:
+    """Per null family ("random", "null_contrast"): one :class:`MetricTest` per measure."""
+
+    families: dict[str, list[MetricTest]]
+    num_items: int
+
+    def test(self, family: str, metric: str) -> MetricTest:
+        return next(t for t in self.families[family] if t.metric == metric)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def behavioural_null(
+    key: ConditionResult,
+    nulls: Mapping[str, Sequence[ConditionResult]],
+    *,
+    metrics: Sequence[str] = tuple(METRICS),
+) -> BehaviouralNull:
+    """Test the key's condition against each family of null-key conditions (same items)."""
+    if not metrics or any(m not in METRICS for m in metrics):
+        raise ValueError(f"metrics must be a non-empty subset of {tuple(METRICS)}, got {metrics}")
+    ids, observed = [it.id for it in key.items], metric_values(key)
+    families: dict[str, list[MetricTest]] = {}
+    for family, conds in nulls.items():
+        if any([it.id for it in c.items] != ids for c in conds):
+            raise ValueError(f"a null condition of {family!r} ran on other items than the key's")
+        values = {m: [metric_values(c)[m] for c in conds] for m in metrics}
+        raw = {m: permutation_p_value(observed[m], values[m]) for m in metrics}
+        adjusted = holm(raw)
+        families[family] = [
+            MetricTest(m, observed[m], values[m], raw[m], adjusted[m],
+                       prediction_p_value(observed[m], values[m]), spread(values[m]))
+            for m in metrics if conds
+        ]  # fmt: skip
+    return BehaviouralNull({k: v for k, v in families.items() if v}, len(ids))

@@ -1,22 +1,10 @@
-"""Null keys: keys that look like the transferred key but should not carry the capability.
+"""Null keys, with the transferred key's per-layer norms so only the direction differs.
 
-Two families, both with the transferred key's per-layer norms (so only the direction
-differs, as for the random control):
-
-- **random keys**: Gaussian directions in the Target space (``random_key_like``, seeded);
-- **null-contrast keys**: the Source direction rebuilt with the contrast shuffled, then sent
-  through the *same* alignment. The Source direction is the mean per-item difference
-  v = (1/N) Σ_i d_i with d_i = h(unlocked form of item i) - h(locked form of item i); a null
-  contrast swaps the two forms of each item independently with probability 1/2 (a random
-  sign s_i ∈ {-1, +1}): v_null = (1/N) Σ_i s_i d_i. If the two forms are exchangeable
-  within an item (no consistent locked→unlocked shift), v and v_null have the same
-  distribution. Permuting which unlocked item pairs with which locked item would leave the
-  mean difference unchanged, so the swap is the shuffle that makes a null for the ``mean``
-  direction. Draw j uses the signs of row j of a Rademacher matrix [num, N] seeded by
-  ``seed``, whatever the batching.
-
-:func:`representational_null` then compares the key's per-layer cosine with the Target's own
-direction against both families (:func:`~unlock_fast.evaluation.null.layer_test`).
+Random keys: Gaussian Target directions. Null-contrast keys: the Source direction
+v = (1/N) Σ d_i (d_i: unlocked minus locked form of item i) rebuilt with each item's forms
+swapped at random, v_null = (1/N) Σ s_i d_i, s_i = ±1 (row j of a seeded Rademacher matrix),
+then sent through the same alignment: exchangeable forms make v and v_null alike (permuting
+pairs would leave the mean unchanged, so the swap is the shuffle that makes a null).
 """
 
 from __future__ import annotations
@@ -31,19 +19,11 @@ from torch import nn
 from ..artifacts import Alignment, Direction, ModelInfo, SteeringKey
 from ..collect import Side, check_prompts, lockstep
 from .null import LayerTest, layer_test
-from .runner import random_key_like
 
 __all__ = [
-    "RepresentationalNull",
-    "SignFlipAccumulator",
-    "cosine_matrix",
-    "null_contrast_directions",
-    "null_contrast_keys",
-    "random_cosines",
-    "random_keys",
-    "representational_null",
-    "transfer_vectors",
-]
+    "RepresentationalNull", "SignFlipAccumulator", "cosines", "null_contrast_directions",
+    "null_contrast_keys", "random_cosines", "random_keys", "representational_null"
+]  # fmt: skip
 
 
 def _count(name: str, value: object, least: int = 1) -> int:
@@ -54,23 +34,18 @@ def _count(name: str, value: object, least: int = 1) -> int:
 
 def random_keys(key: SteeringKey, num: int, *, seed: int = 0) -> list[SteeringKey]:
     """``num`` random keys of ``key``'s per-layer norms, seeds ``seed``, ``seed + 1``, ..."""
-    _count("num", num, 0)
-    return [random_key_like(key, seed=seed + i) for i in range(num)]
-
-
-def rademacher(num: int, n: int, seed: int) -> torch.Tensor:
-    """A [num, n] matrix of independent ±1 (float64), seeded."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2, (num, n), generator=gen).double() * 2 - 1
+    return [SteeringKey.random_like(key, seed=seed + i) for i in range(_count("num", num, 0))]
 
 
 class SignFlipAccumulator:
     """Streams per-item differences d_i at some layers into ``num`` sign-flipped sums
-    Σ_i s_ji d_i (float64), s = :func:`rademacher` (num, num_items, seed)."""
+    Σ_i s_ji d_i (float64), the signs a seeded Rademacher matrix [num, num_items]."""
 
     def __init__(self, layers: Sequence[int], dim: int, num: int, num_items: int, seed: int):
         self.layers = list(layers)
-        self.signs = rademacher(_count("num", num), _count("num_items", num_items), seed)
+        gen = torch.Generator().manual_seed(seed)
+        shape = (_count("num", num), _count("num_items", num_items))
+        self.signs = torch.randint(0, 2, shape, generator=gen).double() * 2 - 1
         self.sums = torch.zeros(num, len(self.layers), dim, dtype=torch.float64)
         self.count = 0
 
@@ -83,8 +58,7 @@ class SignFlipAccumulator:
         """Add one batch: rows [b, d] per layer of both forms of the items ``indices``."""
         s = self.signs[:, list(indices)]  # [num, b]
         for i, layer in enumerate(self.layers):
-            diff = unlocked[layer].double().cpu() - locked[layer].double().cpu()
-            self.sums[:, i] += s @ diff
+            self.sums[:, i] += s @ (unlocked[layer].double().cpu() - locked[layer].double().cpu())
         self.count += len(indices)
 
     def vectors(self) -> torch.Tensor:
@@ -105,12 +79,10 @@ def null_contrast_directions(
     layers: Sequence[int] | None = None,
     layer_path: str | None = None,
     batch_size: int = 8,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> list[Direction]:
-    """``num`` null-contrast directions of ``model`` (module docstring), one pass over the
-    items' two forms. ``layers`` defaults to every decoder layer."""
+    """``num`` null-contrast directions of ``model`` (module doc), one pass over the items'
+    two forms. ``layers`` defaults to every decoder layer."""
     locked = check_prompts("prompts_locked", prompts_locked)
     unlocked = check_prompts("prompts_unlocked", prompts_unlocked)
     if len(locked) != len(unlocked):
@@ -120,69 +92,23 @@ def null_contrast_directions(
         )
     info = ModelInfo.of(model, layer_path)
     sel = list(range(info.num_layers)) if layers is None else [int(x) for x in layers]
-    bad = [x for x in sel if not 0 <= x < info.num_layers]
-    if bad or not sel:
+    if not sel or any(not 0 <= x < info.num_layers for x in sel):
         raise ValueError(f"layers must be in [0, {info.num_layers}), got {sel}")
     acc = SignFlipAccumulator(sel, info.hidden_size, num, len(locked), seed)
-    sides = [
-        Side(model, tokenizer, locked, sel, layer_path),
-        Side(model, tokenizer, unlocked, sel, layer_path),
-    ]
-    with lockstep(
-        sides,
-        desc="null contrasts",
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        progress=progress,
-    ) as batches:
+    sides = [Side(model, tokenizer, p, sel, layer_path) for p in (locked, unlocked)]
+    kw: dict[str, Any] = dict(desc="null contrasts", batch_size=batch_size, progress=progress)
+    with lockstep(sides, **kw) as batches:
         for lo, hi in batches:
             acc.update(lo.rows, hi.rows, lo.indices)
     vecs = acc.vectors()
     return [Direction(vecs[j].clone(), sel, "sign_flip", acc.count, info) for j in range(num)]
 
 
-def _apply(alignment: Alignment, i: int, v: torch.Tensor) -> torch.Tensor:
-    """Rows v [n, d_s] mapped by layer pair i of the alignment: v E_s M E_tᵀ [n, d_t]."""
-    return ((v @ alignment.source_basis[i]) @ alignment.core[i]) @ alignment.target_basis[i].T
-
-
-def transfer_vectors(
-    alignment: Alignment, vectors: torch.Tensor, source_layers: Sequence[int]
-) -> torch.Tensor:
-    """Send many Source directions through the alignment at once.
-
-    vectors: [n, len(source_layers), d_s]; returns [n, P, d_t] for the alignment's P layer
-    pairs (row p is v_s[s_p] @ T_p), the same map as :meth:`Alignment.transfer`.
-    """
-    if vectors.dim() != 3 or vectors.shape[2] != alignment.source.hidden_size:
-        raise ValueError(
-            f"vectors must be [n, layers, {alignment.source.hidden_size}], got "
-            f"{list(vectors.shape)}"
-        )
-    pos = {int(s): i for i, s in enumerate(source_layers)}
-    missing = sorted({s for s, _ in alignment.layer_map} - set(pos))
-    if missing:
-        raise ValueError(f"the vectors lack source layers {missing} that the layer map uses")
-    rows = []
-    for i, (s, _) in enumerate(alignment.layer_map):
-        v = vectors[:, pos[s]].float()
-        rows.append(_apply(alignment, i, v))
-    return torch.stack(rows, dim=1)
-
-
-def _like_norms(vectors: torch.Tensor, like: SteeringKey) -> torch.Tensor:
-    """Rescale [n, L, d] so that every layer has ``like``'s norm there."""
-    norms = like.vectors.double().norm(dim=-1)  # [L]
-    v = vectors.double()
-    return (v / v.norm(dim=-1, keepdim=True).clamp_min(1e-300) * norms[None, :, None]).float()
-
-
 def null_contrast_keys(
     alignment: Alignment, directions: Sequence[Direction], like: SteeringKey
 ) -> list[SteeringKey]:
-    """Transfer null-contrast directions through ``alignment`` and give each key ``like``'s
-    per-layer norms (``like`` is the transferred key; same layers)."""
+    """Null-contrast directions sent through ``alignment``, each with ``like``'s per-layer
+    norms (``like``: the transferred key, on the alignment's layers)."""
     if not directions:
         return []
     if list(like.layers) != alignment.target_layers:
@@ -192,17 +118,20 @@ def null_contrast_keys(
     layers = list(directions[0].layers)
     if any(list(d.layers) != layers for d in directions):
         raise ValueError("all null-contrast directions must cover the same layers")
-    stacked = torch.stack([d.vectors for d in directions])
-    mapped = _like_norms(transfer_vectors(alignment, stacked, layers), like)
-    return [
-        SteeringKey(
-            mapped[j],
-            alignment.target_layers,
-            alignment.target,
-            {"kind": "null_contrast", "index": j, "like": dict(like.origin)},
-        )
-        for j in range(len(directions))
+    missing = sorted({s for s, _ in alignment.layer_map} - set(layers))
+    if missing:
+        raise ValueError(f"the directions lack source layers {missing} that the layer map uses")
+    stacked = torch.stack([d.vectors for d in directions]).float()  # [n, L_s, d_s]
+    mapped = [
+        alignment.map_directions(stacked[:, layers.index(s)], t) for s, t in alignment.layer_map
     ]
+    rows = torch.stack(mapped, dim=1)  # [n, P, d_t]
+    return [
+        SteeringKey(rows[j], alignment.target_layers, alignment.target, {
+            "kind": "null_contrast", "index": j, "like": dict(like.origin)
+        }).with_norms_of(like)
+        for j in range(len(directions))
+    ]  # fmt: skip
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -211,46 +140,38 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b) / (a.norm(dim=-1) * b.norm()).clamp_min(1e-300)
 
 
+def cosines(keys: Sequence[SteeringKey], own: Direction, layers: Sequence[int]) -> torch.Tensor:
+    """[len(keys), len(layers)]: cosine of each key with ``own`` at each layer."""
+    return torch.stack(
+        [torch.stack([_cos(k.vector(x), own.vector(x)) for x in layers]) for k in keys]
+    )
+
+
 def random_cosines(
     alignment: Alignment, own: Direction, layers: Sequence[int], *, num: int, seed: int = 0
 ) -> torch.Tensor:
     """[num, len(layers)]: cosine with ``own`` of Gaussian Source directions sent through
-    the alignment, per Target layer; the same draws as :func:`key_cosines` with this seed."""
-    _count("num", num)
+    the alignment, per Target layer (a fresh draw per layer from one seeded stream)."""
     gen = torch.Generator().manual_seed(seed)
     cols = []
-    for layer in layers:
-        i = alignment.target_layers.index(layer)
-        noise = torch.randn(num, alignment.source.hidden_size, generator=gen)
-        cols.append(_cos(_apply(alignment, i, noise), own.vector(layer)))
+    for x in layers:
+        noise = torch.randn(_count("num", num), alignment.source.hidden_size, generator=gen)
+        cols.append(_cos(alignment.map_directions(noise, x), own.vector(x)))
     return torch.stack(cols, dim=1)
-
-
-def cosine_matrix(
-    keys: Sequence[SteeringKey], own: Direction, layers: Sequence[int]
-) -> torch.Tensor:
-    """[len(keys), len(layers)]: cosine of each key with ``own`` at each layer."""
-    return torch.stack(
-        [torch.stack([_cos(k.vector(layer), own.vector(layer)) for layer in layers]) for k in keys]
-    )
 
 
 @dataclass
 class RepresentationalNull:
     """The key's per-layer cosine with the Target's own direction against each null family:
-    ``tests`` maps "random" (random Source directions via the alignment) and, when given,
-    "null_contrast" to a :class:`~unlock_fast.evaluation.null.LayerTest`."""
+    "random" (random Source directions via the alignment) and, when given, "null_contrast"."""
 
     layers: list[int]
     cosine: list[float]
     tests: dict[str, LayerTest]
+    chance: float  # 1.96/sqrt(d_t): the 95% band of a random direction in the Target space
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "layers": self.layers,
-            "cosine": self.cosine,
-            "tests": {k: t.to_dict() for k, t in self.tests.items()},
-        }
+        return {"layers": self.layers, "cosine": self.cosine, "tests": self.tests}
 
 
 def representational_null(
@@ -263,7 +184,7 @@ def representational_null(
     seed: int = 0,
     level: float = 0.975,
 ) -> RepresentationalNull:
-    """Cosine of ``key`` with ``own`` per common layer, tested against ``num_random`` random
+    """Cosine of ``key`` with ``own`` per common layer, against ``num_random`` random
     directions via ``alignment`` and against ``contrast_keys`` (:func:`null_contrast_keys`)."""
     if key.model.hidden_size != own.model.hidden_size:
         raise ValueError(
@@ -273,22 +194,12 @@ def representational_null(
     layers = [x for x in key.layers if x in own.layers and x in alignment.target_layers]
     if not layers:
         raise ValueError(f"no common layers: key {key.layers}, own direction {own.layers}")
-    cos = cosine_matrix([key], own, layers)[0]
-    tests = {
-        "random": layer_test(
-            cos,
-            random_cosines(alignment, own, layers, num=num_random, seed=seed),
-            layers=layers,
-            level=level,
-            name="random directions via the alignment",
-        )
-    }
+    cos = cosines([key], own, layers)[0]
+    draws = {"random": random_cosines(alignment, own, layers, num=num_random, seed=seed)}
     if contrast_keys:
-        tests["null_contrast"] = layer_test(
-            cos,
-            cosine_matrix(contrast_keys, own, layers),
-            layers=layers,
-            level=level,
-            name="null-contrast keys",
-        )
-    return RepresentationalNull(layers, cos.tolist(), tests)
+        draws["null_contrast"] = cosines(contrast_keys, own, layers)
+    names = {"random": "random directions via the alignment", "null_contrast": "null-contrast keys"}
+    tests = {
+        k: layer_test(cos, v, layers=layers, level=level, name=names[k]) for k, v in draws.items()
+    }
+    return RepresentationalNull(layers, cos.tolist(), tests, 1.96 / key.model.hidden_size**0.5)

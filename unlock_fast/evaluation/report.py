@@ -1,10 +1,7 @@
 """Reports: JSON, Markdown tables and PNG plots (matplotlib's Agg canvas, no display).
 
-Plots:
-- ``accuracy_vs_alpha.png``: accuracy per condition against the steering strength alpha;
-- ``alignment_r2_vs_rank.png``: held-out centred R² per Target layer against the rank;
-- ``key_cosine.png``: cosine of the transferred key with the Target's own CoT direction
-  per layer, with the band of random controls (and of null-contrast keys).
+Plots: rates against alpha, held-out R² against rank, the key's cosine with the Target's own
+direction within the null bands, the null keys' measures, and the layer-pair scores.
 """
 
 from __future__ import annotations
@@ -12,28 +9,35 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from .._optional import require
-from .null import LayerTest
-from .runner import EvaluationResult
+from ..artifacts import AlignmentReport
+from .conditions import ConditionResult, EvaluationResult, write_items
+from .null import METRICS, BehaviouralNull, metric_values
+from .null_keys import RepresentationalNull
 
 __all__ = [
-    "alignment_table",
-    "condition_table",
-    "new_figure",
-    "plot_accuracy_vs_alpha",
-    "plot_key_cosine",
-    "plot_r2_vs_rank",
-    "save_figure",
-    "write_json",
-]
+    "COLORS", "alignment_table", "behavioural_null_table", "condition_table", "figure",
+    "finish_axes", "plot_null_spread", "save_figure", "write_json", "write_null_items"
+]  # fmt: skip
+
+_FAMILY = {"random": "random keys", "null_contrast": "null-contrast keys"}
+_PCT = {"accuracy", "step_rate", "final_rate"}
+COLORS = {"baseline": "tab:gray", "cot": "tab:green", "unlock": "tab:blue", "random": "tab:orange"}
+COLORS["null_contrast"] = "tab:purple"
 
 
-def _fmt_pct(x: float) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.0f}%"
+
+
+def _value(metric: str, v: float) -> str:
+    if math.isnan(v):
+        return "n/a"
+    return f"{100 * v:.1f}%" if metric in _PCT else f"{v:.1f}"
 
 
 def condition_table(result: EvaluationResult) -> str:
@@ -46,8 +50,8 @@ def condition_table(result: EvaluationResult) -> str:
         acc = c.accuracy
         lines.append(
             f"| {c.description} | {100 * acc.value:.1f}% [{100 * acc.low:.1f}, "
-            f"{100 * acc.high:.1f}] | {acc.n} | {c.mean_tokens:.1f} | {_fmt_pct(c.step_rate)} "
-            f"| {_fmt_pct(c.answered_rate)} |"
+            f"{100 * acc.high:.1f}] | {acc.n} | {c.mean_tokens:.1f} | {_pct(c.step_rate)} "
+            f"| {_pct(c.answered_rate)} |"
         )
     lines += ["", "Accuracy, paired on the same items:", ""]
     lines += [f"- {comp.verdict}" for comp in result.comparisons()]
@@ -56,57 +60,35 @@ def condition_table(result: EvaluationResult) -> str:
     return "\n".join(lines)
 
 
-def alignment_table(
-    diagnostics: Any, cosines: Any = None, *, contrast: LayerTest | None = None
-) -> str:
-    """Markdown table per Target layer: held-out relative error, centred R², and (when
-    given) the cosine of the key with the Target's own direction against the random band
-    (and against the band of null-contrast keys, ``contrast``)."""
-    head = "| target layer | source layer | rel. error | centred R² |"
-    rule = "|---|---|---|---|"
-    if cosines is not None:
+def alignment_table(diagnostics: AlignmentReport, rep: RepresentationalNull | None = None) -> str:
+    """Markdown per Target layer: held-out relative error and centred R², and with ``rep``
+    the key's cosine with the Target's own direction against the random band (and the band
+    of null-contrast keys)."""
+    tests = {} if rep is None else rep.tests
+    head, rule = "| target layer | source layer | rel. error | centred R² |", "|---|---|---|---|"
+    if "random" in tests:
         head += " cos(key, own CoT) | random 95% band | p (random ≥ key) |"
         rule += "---|---|---|"
-    nulls = {}
-    if contrast is not None:
+    if "null_contrast" in tests:
         head += " null-contrast 95% band | p (null contrast ≥ key) |"
         rule += "---|---|"
-        nulls = dict(
-            zip(
-                contrast.layers,
-                zip(contrast.null_low, contrast.null_high, contrast.p_values, strict=True),
-                strict=True,
-            )
-        )
     lines = [head, rule]
-    cos_at = {}
-    if cosines is not None:
-        cos_at = {
-            layer: (c, lo, hi, ex)
-            for layer, c, lo, hi, ex in zip(
-                cosines.layers,
-                cosines.cosine,
-                cosines.random_low,
-                cosines.random_high,
-                cosines.exceed,
-                strict=True,
-            )
-        }
     for (s, t), err, r2 in zip(
         diagnostics.layer_map, diagnostics.rel_error, diagnostics.r2, strict=True
     ):
         row = f"| {t} | {s} | {err:.3f} | {r2:.3f} |"
-        if cosines is not None:
-            if t in cos_at:
-                c, lo, hi, ex = cos_at[t]
-                mark = " ↑" if c > hi else ""
-                p = f"{ex:.3f}" if ex > 0 else f"< {1 / cosines.num_random:.3f}"
-                row += f" {c:+.3f}{mark} | [{lo:+.3f}, {hi:+.3f}] | {p} |"
+        for name, test in tests.items():
+            if t not in test.layers:
+                row += " – | – | – |" if name == "random" else " – | – |"
+                continue
+            i = test.layers.index(t)
+            c, lo, hi = test.observed[i], test.null_low[i], test.null_high[i]
+            if name == "random":
+                ex = test.exceed[i]
+                p = f"{ex:.3f}" if ex > 0 else f"< {1 / test.num_null:.3f}"
+                row += f" {c:+.3f}{' ↑' if c > hi else ''} | [{lo:+.3f}, {hi:+.3f}] | {p} |"
             else:
-                row += " – | – | – |"
-        if contrast is not None:
-            lo, hi, pv = nulls.get(t, (math.nan, math.nan, math.nan))
-            row += f" [{lo:+.3f}, {hi:+.3f}] | {pv:.3f} |"
+                row += f" [{lo:+.3f}, {hi:+.3f}] | {test.p_values[i]:.3f} |"
         lines.append(row)
     return "\n".join(lines)
 
@@ -119,32 +101,66 @@ def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def _json_default(o: Any) -> Any:
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
+    for method in ("to_dict", "tolist"):
+        if hasattr(o, method):
+            return getattr(o, method)()
     if isinstance(o, Path):
         return str(o)
-    if hasattr(o, "tolist"):
-        return o.tolist()
     raise TypeError(f"cannot write {type(o).__name__} as JSON")
 
 
-def new_figure(width: float, height: float) -> Any:
-    """A matplotlib Figure on the Agg canvas (no display needed)."""
+def write_null_items(
+    families: Mapping[str, Iterable[ConditionResult]],
+    skip: EvaluationResult,
+    path: str | os.PathLike[str],
+) -> Path:
+    """The per-item outputs of the null keys' conditions but those already in ``skip`` (the
+    evaluation's own random condition), one JSON line each."""
+    conds = [c for cs in families.values() for c in cs if c is not skip.conditions.get(c.name)]
+    return write_items(conds, path)
+
+
+def behavioural_null_table(result: BehaviouralNull) -> str:
+    """Markdown: per family and measure, the key, the null's spread and the p-values."""
+    lines = [
+        "| null family | measure | key | null min / median / max | n | p (one-sided) | Holm p "
+        "| p (normal null) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for family, tests in result.families.items():
+        for t in tests:
+            s = t.spread
+            lines.append(
+                f"| {_FAMILY.get(family, family)} | {METRICS[t.metric]} | "
+                f"{_value(t.metric, t.key)} | {_value(t.metric, s.min)} / "
+                f"{_value(t.metric, s.median)} / {_value(t.metric, s.max)} | {s.n} | "
+                f"{t.p_value:.3g} | {t.holm_p:.3g} | {t.normal_p:.3g} |"
+            )
+    floor = ", ".join(
+        f"{_FAMILY.get(f, f)} {1 / (1 + len(ts[0].null)):.3g}"
+        for f, ts in result.families.items()
+        if ts
+    )
+    lines += [
+        "",
+        f"p = (1 + #{{null ≥ key}}) / (1 + n) on {result.num_items} items; the smallest "
+        f"possible p: {floor}. Holm adjusts over the {len(METRICS)} measures. The normal-null "
+        "p treats the null keys' values as normal draws (Student-t prediction interval), so "
+        "it can go below that floor; it is an approximation, the permutation p is exact.",
+    ]
+    return "\n".join(lines)
+
+
+def figure(width: float = 7.0, height: float = 4.2, panels: int = 1) -> tuple[Any, list[Any]]:
+    """A matplotlib Figure on the Agg canvas (no display needed) and its panels in a row."""
     require("matplotlib", "plots", "Drawing plots")
     agg = require("matplotlib.backends.backend_agg", "plots", "Drawing plots")
-    figure = require("matplotlib.figure", "plots", "Drawing plots")
-    fig = figure.Figure(figsize=(width, height), dpi=110)
+    fig = require("matplotlib.figure", "plots", "Drawing plots").Figure((width, height), dpi=110)
     agg.FigureCanvasAgg(fig)
-    return fig
-
-
-def _figure(width: float = 7.0, height: float = 4.2) -> tuple[Any, Any]:
-    fig = new_figure(width, height)
-    return fig, fig.add_subplot(1, 1, 1)
+    return fig, [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
-    """Lay out ``fig`` and write it to ``path`` (folders made as needed)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -152,140 +168,41 @@ def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
     return p
 
 
-_COLORS = {"baseline": "tab:gray", "cot": "tab:green", "unlock": "tab:blue", "random": "tab:orange"}
-
-Curve = Sequence[tuple[float, float, float, float]]  # (alpha, rate, ci_low, ci_high)
-
-
-def _draw_rates(ax: Any, curves: Mapping[str, Curve], ylabel: str) -> None:
-    alphas = sorted({a for pts in curves.values() for a, *_ in pts if a > 0})
-    for name, pts in curves.items():
-        pts = sorted(pts)
-        color = _COLORS.get(name)
-        if len(pts) == 1 and pts[0][0] == 0 and alphas:  # unsteered: a line with its band
-            _, val, lo, hi = pts[0]
-            line = ax.axhline(100 * val, linestyle="--", linewidth=1.2, label=name, color=color)
-            ax.axhspan(100 * lo, 100 * hi, alpha=0.08, color=line.get_color())
-            continue
-        dodge = {"unlock": 0.97, "random": 1.03}.get(name, 1.0)  # keep error bars apart
-        xs = [a * dodge for a, *_ in pts]
-        ys = [100 * v for _, v, _, _ in pts]
-        err = [
-            [max(0.0, 100 * (v - lo)) for _, v, lo, _ in pts],
-            [max(0.0, 100 * (hi - v)) for _, v, _, hi in pts],
-        ]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name, color=color)
-    if alphas:
-        ax.set_xscale("log")
-        ax.set_xlim(min(alphas) / 1.6, max(alphas) * 1.6)
-        ax.set_xticks(alphas)
-        ax.set_xticklabels([f"{a:g}" for a in alphas])
-        ax.minorticks_off()
-    ax.set_xlabel("alpha (steering strength)")
-    ax.set_ylabel(ylabel)
+def finish_axes(ax: Any, legend: dict[str, Any] | None = None, **labels: Any) -> None:
+    ax.set(**labels)
+    ax.legend(**(legend or {"fontsize": 8}))
     ax.grid(alpha=0.3)
 
 
-def plot_accuracy_vs_alpha(
-    curves: Mapping[str, Curve],
-    path: str | os.PathLike[str],
-    *,
-    step_curves: Mapping[str, Curve] | None = None,
-    title: str = "Accuracy vs steering strength",
+def plot_null_spread(
+    result: BehaviouralNull, references: Mapping[str, ConditionResult], path: str | os.PathLike[str]
 ) -> Path:
-    """``curves``: condition -> [(alpha, accuracy, ci_low, ci_high), ...]. A condition with one
-    point at alpha 0 (unsteered) is drawn as a horizontal line with its band. With
-    ``step_curves`` (same form, share of outputs showing steps) a second panel is added."""
-    panels = 2 if step_curves else 1
-    fig = new_figure(6.0 * panels, 4.2)
-    ax = fig.add_subplot(1, panels, 1)
-    _draw_rates(ax, curves, "accuracy (%) with 95% CI")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    if step_curves:
-        ax2 = fig.add_subplot(1, panels, 2)
-        _draw_rates(ax2, step_curves, "outputs showing steps (%) with 95% CI")
-        ax2.set_title("Intermediate steps vs alpha")
+    """One panel per measure: each null family's values (dots over a box), the key's value
+    (blue star) and the unsteered references (``baseline``, ``cot``) as dashed lines."""
+    fig, axes = figure(3.2 * len(METRICS), 4.0, len(METRICS))
+    families = list(result.families)
+    for j, (ax, metric) in enumerate(zip(axes, METRICS, strict=True)):
+        scale = 100.0 if metric in _PCT else 1.0
+        key_value = math.nan
+        for i, family in enumerate(families):
+            t = result.test(family, metric)
+            key_value, vals = t.key, [scale * v for v in t.null if not math.isnan(v)]
+            if vals:
+                ax.boxplot([vals], positions=[i], widths=0.5, showfliers=False)
+                jitter = [i + 0.12 * ((k * 0.618) % 1 - 0.5) for k in range(len(vals))]
+                ax.scatter(jitter, vals, s=12, color=COLORS.get(family, "gray"), zorder=3)
+        if not math.isnan(key_value):
+            star = dict(marker="*", s=160, color="tab:blue", zorder=4, label="transferred key")
+            ax.scatter([len(families)], [scale * key_value], **star)
+        for name in ("baseline", "cot"):
+            v = metric_values(references[name])[metric] if name in references else math.nan
+            if not math.isnan(v):
+                ax.axhline(scale * v, linestyle="--", color=COLORS[name], linewidth=1, label=name)
+        ax.set_xticks(list(range(len(families) + 1)))
+        ax.set_xticklabels([_FAMILY.get(f, f).replace(" ", "\n") for f in families] + ["key"])
+        ax.set_xlim(-0.6, len(families) + 0.6)
+        ax.set_title(METRICS[metric] + (" (%)" if metric in _PCT else ""), fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        if j == 0:
+            ax.legend(fontsize=7)
     return save_figure(fig, path)
-
-
-def plot_r2_vs_rank(
-    sweep: Mapping[int, Any], path: str | os.PathLike[str], *, max_lines: int = 8
-) -> Path:
-    """``sweep``: rank -> AlignmentReport. One line per Target layer (at most ``max_lines``,
-    evenly spaced through the depth)."""
-    fig, ax = _figure()
-    ranks = sorted(sweep)
-    first = sweep[ranks[0]]
-    pairs = list(first.layer_map)
-    step = max(1, math.ceil(len(pairs) / max_lines))
-    chosen = list(range(0, len(pairs), step))
-    if chosen[-1] != len(pairs) - 1:
-        chosen.append(len(pairs) - 1)
-    cmap = _colormap(len(chosen))
-    for j, i in enumerate(chosen):
-        s, t = pairs[i]
-        ys = [sweep[r].r2[i] for r in ranks]
-        ax.plot(
-            ranks, ys, marker="o", markersize=3, color=cmap[j], label=f"target {t} ← source {s}"
-        )
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ranks)
-    ax.set_xticklabels([str(r) for r in ranks])
-    ax.set_xlabel("alignment rank k")
-    ax.set_ylabel("held-out centred R²")
-    ax.set_title("Alignment quality vs rank, per layer (held-out)")
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    return save_figure(fig, path)
-
-
-def plot_key_cosine(
-    cosines: Any, path: str | os.PathLike[str], *, contrast: LayerTest | None = None
-) -> Path:
-    """Cosine of the transferred key with the Target's own CoT direction, per layer, with
-    the 95% band of random directions sent through the same alignment (and, with
-    ``contrast``, the band of the null-contrast keys)."""
-    fig, ax = _figure()
-    xs = cosines.layers
-    if contrast is not None:
-        ax.fill_between(
-            contrast.layers,
-            contrast.null_low,
-            contrast.null_high,
-            alpha=0.2,
-            color="tab:purple",
-            label=f"null-contrast keys ({100 * (2 * contrast.level - 1):g}% of "
-            f"{contrast.num_null})",
-        )
-    ax.fill_between(
-        xs,
-        cosines.random_low,
-        cosines.random_high,
-        alpha=0.25,
-        color="gray",
-        label=f"random directions via T (95% of {cosines.num_random})",
-    )
-    ax.plot(xs, cosines.random_mean, color="gray", linewidth=1)
-    ax.axhspan(
-        -cosines.chance,
-        cosines.chance,
-        alpha=0.12,
-        color="tab:orange",
-        label="random in Target space (95%)",
-    )
-    ax.plot(xs, cosines.cosine, marker="o", color="tab:blue", label="transferred key")
-    ax.set_xticks(xs if len(xs) <= 24 else xs[:: max(1, len(xs) // 12)])
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("Target layer")
-    ax.set_ylabel("cosine with Target's own CoT direction")
-    ax.set_title("Transferred key vs the Target's own CoT direction (held-out)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return save_figure(fig, path)
-
-
-def _colormap(n: int) -> list[Any]:
-    cmap = require("matplotlib", "plots", "Drawing plots").colormaps["viridis"]
-    return [cmap(i / max(1, n - 1) * 0.9) for i in range(n)]

@@ -17,10 +17,18 @@ from .core import (
     dtype_code,
 )
 
-__all__ = ["eigh_topk", "svd_topk"]
+__all__ = ["RSVD_METHODS", "eigh_topk", "svd_topk"]
 
 _RSVD_DTYPES = (torch.float32, torch.float64)
-_RSVD_AUTO = 0  # method code of csrc/include/unlock/rsvd.h (RsvdMethod::kAuto)
+# The codes of csrc/include/unlock/rsvd.h (RsvdMethod): the sketch unless a dense
+# decomposition is about as cheap, always the sketch, always the dense decomposition.
+RSVD_METHODS = {"auto": 0, "randomized": 1, "exact": 2}
+
+
+def _method_code(method: str) -> int:
+    if method not in RSVD_METHODS:
+        raise ValueError(f"method must be one of {', '.join(RSVD_METHODS)}, got {method!r}")
+    return RSVD_METHODS[method]
 
 
 def _check_rsvd_params(k: int, oversample: int, n_iter: int, seed: int, r: int) -> None:
@@ -53,7 +61,13 @@ def _rsvd_matrix(obj: Any, name: str) -> torch.Tensor:
 
 
 def eigh_topk(
-    a: torch.Tensor, k: int, *, oversample: int = 10, n_iter: int = 4, seed: int = 0
+    a: torch.Tensor,
+    k: int,
+    *,
+    oversample: int = 10,
+    n_iter: int = 4,
+    seed: int = 0,
+    method: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k eigenpairs of a symmetric PSD matrix a [d, d] (fp32 or fp64).
 
@@ -66,10 +80,13 @@ def eigh_topk(
     (Rayleigh-Ritz). When that would cost about as much as a dense decomposition (roughly
     ``(n_iter + 2) * l >= d`` on the CPU), a dense top-k solver runs instead. Accuracy falls
     with the gap between eigenvalue k and eigenvalue l + 1; raise ``oversample`` or
-    ``n_iter`` for slowly decaying spectra. Only the symmetric part of ``a`` is meaningful;
+    ``n_iter`` for slowly decaying spectra. ``method="exact"`` always takes the dense
+    decomposition (``oversample`` and ``n_iter`` then do nothing), ``"randomized"`` always
+    the sketch. Only the symmetric part of ``a`` is meaningful;
     symmetry is not checked. Any strides are accepted (a non-contiguous input is copied).
     NaN or Inf in ``a`` raises ValueError (the check synchronises once on CUDA).
     """
+    method_code = _method_code(method)
     at = _rsvd_matrix(a, "a")
     if at.shape[0] != at.shape[1]:
         raise ValueError(f"a must be a square matrix [d, d], got shape {list(at.shape)}")
@@ -85,18 +102,18 @@ def eigh_topk(
     core = core_module()
     sizes = (d, k, oversample, n_iter)
     if backend == "cpu":
-        nbytes = core.rsvd_eigh_workspace_cpu(*sizes, code, _RSVD_AUTO)
+        nbytes = core.rsvd_eigh_workspace_cpu(*sizes, code, method_code)
         work = torch.empty(nbytes, dtype=torch.uint8)
         core.rsvd_eigh_cpu(
-            at.data_ptr(), *sizes, seed, code, _RSVD_AUTO,
+            at.data_ptr(), *sizes, seed, code, method_code,
             values.data_ptr(), vectors.data_ptr(), work.data_ptr(), nbytes,
         )  # fmt: skip
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
-        nbytes = core.rsvd_eigh_workspace_cuda(*sizes, code, _RSVD_AUTO, index)
+        nbytes = core.rsvd_eigh_workspace_cuda(*sizes, code, method_code, index)
         work = torch.empty(nbytes, dtype=torch.uint8, device=device)
         core.rsvd_eigh_cuda(
-            at.data_ptr(), *sizes, seed, code, _RSVD_AUTO,
+            at.data_ptr(), *sizes, seed, code, method_code,
             values.data_ptr(), vectors.data_ptr(), work.data_ptr(), nbytes,
             index, cuda_stream(device),
         )  # fmt: skip
@@ -104,7 +121,13 @@ def eigh_topk(
 
 
 def svd_topk(
-    m: torch.Tensor, k: int, *, oversample: int = 10, n_iter: int = 4, seed: int = 0
+    m: torch.Tensor,
+    k: int,
+    *,
+    oversample: int = 10,
+    n_iter: int = 4,
+    seed: int = 0,
+    method: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k SVD of m [r, c] (fp32 or fp64): U [r, k], S [k] descending, Vh [k, c].
 
@@ -115,9 +138,11 @@ def svd_topk(
     Randomized range finder on the column space with ``l = min(k + oversample, r, c)``
     columns and ``n_iter`` power iterations (each a product with m and one with mᵀ), then
     an exact SVD of the projected matrix. A dense SVD runs instead only when the sketch
-    would be about as costly. Any strides are accepted (a non-contiguous input is copied).
-    NaN or Inf in ``m`` raises ValueError (the check synchronises once on CUDA).
+    would be about as costly; ``method`` as in :func:`eigh_topk`. Any strides are accepted
+    (a non-contiguous input is copied). NaN or Inf in ``m`` raises ValueError (the check
+    synchronises once on CUDA).
     """
+    method_code = _method_code(method)
     mt = _rsvd_matrix(m, "m")
     rows, cols = mt.shape
     _check_rsvd_params(k, oversample, n_iter, seed, min(rows, cols))
@@ -133,17 +158,17 @@ def svd_topk(
     sizes = (rows, cols, k, oversample, n_iter)
     outs = (u.data_ptr(), s.data_ptr(), vh.data_ptr())
     if backend == "cpu":
-        nbytes = core.rsvd_svd_workspace_cpu(*sizes, code, _RSVD_AUTO)
+        nbytes = core.rsvd_svd_workspace_cpu(*sizes, code, method_code)
         work = torch.empty(nbytes, dtype=torch.uint8)
         core.rsvd_svd_cpu(
-            mt.data_ptr(), *sizes, seed, code, _RSVD_AUTO, *outs, work.data_ptr(), nbytes
+            mt.data_ptr(), *sizes, seed, code, method_code, *outs, work.data_ptr(), nbytes
         )
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
-        nbytes = core.rsvd_svd_workspace_cuda(*sizes, code, _RSVD_AUTO, index)
+        nbytes = core.rsvd_svd_workspace_cuda(*sizes, code, method_code, index)
         work = torch.empty(nbytes, dtype=torch.uint8, device=device)
         core.rsvd_svd_cuda(
-            mt.data_ptr(), *sizes, seed, code, _RSVD_AUTO, *outs, work.data_ptr(), nbytes,
+            mt.data_ptr(), *sizes, seed, code, method_code, *outs, work.data_ptr(), nbytes,
             index, cuda_stream(device),
         )  # fmt: skip
     return u, s, vh
