@@ -1,11 +1,11 @@
 """The kernels as torch operators (``torch.library``), visible to ``torch.compile``.
 
-``torch.ops.unlock_fast.steer_`` and ``torch.ops.unlock_fast.moments_accumulate_`` run the same
-checked entry points as :func:`~unlock_fast.ops.steer_` and
-:func:`~unlock_fast.ops.moments_accumulate_`, declare the tensors they write in place, and
+``torch.ops.unlock_fast.steer_``, ``steer_unchecked_``, ``steer_tokens_`` and
+``moments_accumulate_`` run the entry points of the same names in :mod:`unlock_fast.ops`,
+declare the tensors they write in place, and
 have fake (meta) implementations, so a graph tracer records them as single nodes instead of
 breaking the graph at a pointer hand-off to the compiled core. The core itself stays free of
-libtorch: the registration lives here, in Python. Neither op has an autograd formula: call
+libtorch: the registration lives here, in Python. No op has an autograd formula: call
 them on tensors that need no grad (the steering hooks take the differentiable reference
 path when grad is on).
 """
@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from .moments import check_precision, moments_accumulate_
-from .steer import steer_, steer_tokens_
+from .steer import steer_, steer_tokens_, steer_unchecked_
 
-__all__ = ["moments_accumulate_op", "steer_op", "steer_tokens_op"]
+__all__ = ["moments_accumulate_op", "steer_op", "steer_tokens_op", "steer_unchecked_op"]
 
 
 @torch.library.custom_op("unlock_fast::steer_", mutates_args=("hidden",))
@@ -65,6 +65,43 @@ for _key in ("CPU", "CUDA"):
 steer_tokens_op = torch.ops.unlock_fast.steer_tokens_
 """:func:`~unlock_fast.ops.steer_tokens_` as an operator: the serving engine's steering, one
 node per decoder block inside a compiled (and CUDA-graph captured) forward."""
+
+
+_LIB.define(
+    "steer_unchecked_(Tensor(a!) hidden, Tensor vector, float alpha, int mode_code, "
+    "Tensor? positions, Tensor? mask) -> ()"
+)
+
+
+def _steer_unchecked(
+    hidden: torch.Tensor,
+    vector: torch.Tensor,
+    alpha: float,
+    mode_code: int,
+    positions: torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> None:
+    steer_unchecked_(hidden, vector, alpha, mode_code, positions, mask)  # returns hidden
+
+
+for _key in ("CPU", "CUDA"):
+    _LIB.impl("steer_unchecked_", _steer_unchecked, _key)
+steer_unchecked_op = torch.ops.unlock_fast.steer_unchecked_
+""":func:`~unlock_fast.ops.steer_unchecked_` as an operator: what the steering hooks call per
+layer under ``torch.compile`` (the same entry they call directly in eager mode)."""
+
+
+@torch.library.register_fake("unlock_fast::steer_unchecked_")
+def _steer_unchecked_fake(
+    hidden: torch.Tensor,
+    vector: torch.Tensor,
+    alpha: float,
+    mode_code: int,
+    positions: torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> None:
+    del mode_code
+    _steer_fake(hidden, vector, alpha, positions, mask, "")
 
 
 @torch.library.register_fake("unlock_fast::steer_tokens_")
