@@ -63,7 +63,7 @@ from .steering_state import POSITIONS, CallTracker
 
 __all__ = ["Key", "SteeringHandle", "steer", "MODES", "POSITIONS"]
 
-MODES = ("rotate", "add")
+MODES = tuple(STEER_MODES)  # ("rotate", "add"): the kernel's modes, by name
 
 
 Key = KeyLike | Sequence[KeyLike | None] | torch.Tensor

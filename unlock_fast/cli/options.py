@@ -8,6 +8,10 @@ from typing import TypeVar
 
 import torch
 
+from ..estimator import SOLVERS
+from ..steering import MODES
+from ..steering_state import POSITIONS
+
 __all__ = [
     "EPILOG_MODELS",
     "HelpFormatter",
@@ -242,7 +246,7 @@ def add_alignment(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--solver",
-        choices=("auto", "exact", "randomized"),
+        choices=SOLVERS,
         default=None,
         help="eigensolver of the fit: auto (exact results; a verified sketch when N is "
         "below the hidden size), exact (dense), randomized (fast, approximate) "
@@ -276,13 +280,13 @@ def add_steering(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=float, default=0.1, help="steering strength")
     g.add_argument(
         "--mode",
-        choices=("rotate", "add"),
+        choices=MODES,
         default="rotate",
         help="rotate keeps the hidden-state norm (paper); add adds alpha*key",
     )
     g.add_argument(
         "--positions",
-        choices=("last_prompt", "prompt", "generated", "all"),
+        choices=POSITIONS,
         default="last_prompt",
         help="which tokens to steer",
     )
