@@ -100,40 +100,28 @@ def _common(vocab: int) -> dict:
     return dict(vocab_size=vocab, pad_token_id=0, bos_token_id=2, eos_token_id=3)
 
 
+# Decoders built the same way: config class, default hidden size and depth, extra settings.
+_DECODERS: dict[str, tuple[type, int, int, dict]] = {
+    "llama": (LlamaConfig, 32, 3, {}),
+    "qwen2": (Qwen2Config, 48, 5, {}),
+    "gemma3": (Gemma3TextConfig, 40, 4, {"head_dim": 16, "sliding_window": 8}),
+}
+
+
 def make_model(
     arch: str, vocab: int, *, seed: int = 0, hidden: int | None = None, layers: int | None = None
 ) -> torch.nn.Module:
     """A tiny random model of ``arch`` in eval mode with eager attention."""
-    if arch == "llama":
-        h, n = hidden or 32, layers or 3
-        cfg = LlamaConfig(
+    if arch in _DECODERS:
+        cls, h0, n0, extra = _DECODERS[arch]
+        h, n = hidden or h0, layers or n0
+        cfg = cls(
             hidden_size=h,
             intermediate_size=2 * h,
             num_hidden_layers=n,
             num_attention_heads=4,
             num_key_value_heads=2,
-            **_common(vocab),
-        )
-    elif arch == "qwen2":
-        h, n = hidden or 48, layers or 5
-        cfg = Qwen2Config(
-            hidden_size=h,
-            intermediate_size=2 * h,
-            num_hidden_layers=n,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **_common(vocab),
-        )
-    elif arch == "gemma3":
-        h, n = hidden or 40, layers or 4
-        cfg = Gemma3TextConfig(
-            hidden_size=h,
-            intermediate_size=2 * h,
-            num_hidden_layers=n,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            sliding_window=8,
+            **extra,
             **_common(vocab),
         )
     elif arch == "gpt2":
