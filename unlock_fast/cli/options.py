@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import torch
 
+from ..direction import METHODS
 from ..estimator import SOLVERS
 from ..steering import MODES
 from ..steering_state import POSITIONS
@@ -18,6 +19,8 @@ __all__ = [
     "add_alignment",
     "add_command",
     "add_data",
+    "add_fit",
+    "add_method",
     "add_max_new_tokens",
     "add_model",
     "add_output",
@@ -205,6 +208,27 @@ def add_model(p: argparse.ArgumentParser, role: str, short: str) -> None:
         help="wrap prompts in the tokenizer's chat template: auto (when it has one), "
         "on, off (default: auto)",
     )
+
+
+def add_method(p: argparse.ArgumentParser, help: str) -> None:
+    """--method: how a direction aggregates the differences (:data:`direction.METHODS`)."""
+    p.add_argument("--method", choices=tuple(METHODS), default="mean", help=help)
+
+
+def add_fit(
+    p: argparse.ArgumentParser, out_help: str, data_help: str, *, method: bool = False
+) -> None:
+    """The options of a command that fits on Source and Target (align, transfer): the two
+    models, --method when it also extracts the direction, the alignment, the output, the
+    data (64 problems by default) and the runtime."""
+    add_model(p, "source", "-s")
+    add_model(p, "target", "-t")
+    if method:
+        add_method(p, "direction aggregation")
+    add_alignment(p)
+    add_output(p, out_help)
+    add_data(p, 64, data_help)
+    add_runtime(p)
 
 
 def add_output(p: argparse.ArgumentParser, help: str, default: str | None = None) -> None:
