@@ -101,10 +101,12 @@ def _common(vocab: int) -> dict:
 
 
 # Decoders built the same way: config class, default hidden size and depth, extra settings.
+_GQA = {"num_key_value_heads": 2}
 _DECODERS: dict[str, tuple[type, int, int, dict]] = {
-    "llama": (LlamaConfig, 32, 3, {}),
-    "qwen2": (Qwen2Config, 48, 5, {}),
-    "gemma3": (Gemma3TextConfig, 40, 4, {"head_dim": 16, "sliding_window": 8}),
+    "llama": (LlamaConfig, 32, 3, _GQA),
+    "qwen2": (Qwen2Config, 48, 5, _GQA),
+    "gemma3": (Gemma3TextConfig, 40, 4, {**_GQA, "head_dim": 16, "sliding_window": 8}),
+    "gpt_neox": (GPTNeoXConfig, 36, 3, {"max_position_embeddings": 128}),
 }
 
 
@@ -120,23 +122,12 @@ def make_model(
             intermediate_size=2 * h,
             num_hidden_layers=n,
             num_attention_heads=4,
-            num_key_value_heads=2,
             **extra,
             **_common(vocab),
         )
     elif arch == "gpt2":
         h, n = hidden or 24, layers or 2
         cfg = GPT2Config(n_embd=h, n_layer=n, n_head=4, n_positions=128, **_common(vocab))
-    elif arch == "gpt_neox":
-        h, n = hidden or 36, layers or 3
-        cfg = GPTNeoXConfig(
-            hidden_size=h,
-            intermediate_size=2 * h,
-            num_hidden_layers=n,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            **_common(vocab),
-        )
     else:
         raise ValueError(arch)
     cfg._attn_implementation = "eager"
