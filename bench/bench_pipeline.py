@@ -294,7 +294,7 @@ def main() -> None:
     def step(m):
         with torch.inference_mode():
             m(**step_in, past_key_values=cache, use_cache=True)
-        cache.crop(plen)
+        cache.crop(-1)  # drop the step's token (transformers 5 refuses a positive length)
 
     steerers = {
         "unsteered": contextlib.nullcontext,

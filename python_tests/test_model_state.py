@@ -132,30 +132,25 @@ def test_extract_direction_model_contrast(state):
     )
 
 
+PAIR_COLLECTORS = {
+    "collect_alignment_stats": lambda s, st, t, tt: collect_alignment_stats(
+        s, st, t, tt, PROMPTS[:6], progress=False
+    ),
+    "collect_transfer": lambda s, st, t, tt: collect_transfer(
+        s, st, t, tt, PROMPTS[:5], COT[:5], progress=False
+    ),
+}
+
+
+@pytest.mark.parametrize("collector", PAIR_COLLECTORS)
 @pytest.mark.parametrize("state", STATES)
 @pytest.mark.parametrize("same", [False, True])
-def test_collect_alignment_stats(state, same):
+def test_source_target_collectors(collector, state, same):
     src, stok, tgt, ttok = _models(state)
     if same:
         tgt, ttok = src, stok
-    _check(
-        lambda: collect_alignment_stats(src, stok, tgt, ttok, PROMPTS[:6], progress=False),
-        (src, stok),
-        (tgt, ttok),
-    )
-
-
-@pytest.mark.parametrize("state", STATES)
-@pytest.mark.parametrize("same", [False, True])
-def test_collect_transfer(state, same):
-    src, stok, tgt, ttok = _models(state)
-    if same:
-        tgt, ttok = src, stok
-    _check(
-        lambda: collect_transfer(src, stok, tgt, ttok, PROMPTS[:5], COT[:5], progress=False),
-        (src, stok),
-        (tgt, ttok),
-    )
+    collect = PAIR_COLLECTORS[collector]
+    _check(lambda: collect(src, stok, tgt, ttok), (src, stok), (tgt, ttok))
 
 
 def test_iter_activations_alone_leaves_the_model_as_it_was_between_batches():

@@ -3,33 +3,21 @@
 from __future__ import annotations
 
 import pytest
+import test_numerics as numerics
 import torch
+from test_numerics import per_sample_map
 from tiny_models import PROMPTS, bpe_tokenizer, make_model, word_tokenizer
 
 from unlock_fast import (
     AlignmentStats,
-    ModelInfo,
     collect_alignment_stats,
     extract_direction,
     fit_alignment,
 )
 from unlock_fast.alignment import proportional_layer_map
 from unlock_fast.capture import iter_activations
-from unlock_fast.stats import Moments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def per_sample_map(hs: torch.Tensor, ht: torch.Tensor, rank: int, centered: bool = False):
-    """METHOD.md §3 on explicit activations, float64: T = V_sᵀ pinv(H_s V_sᵀ) H_t V_tᵀ V_t."""
-    hs, ht = hs.double(), ht.double()
-    if centered:
-        hs, ht = hs - hs.mean(0), ht - ht.mean(0)
-    k = min(rank, hs.shape[0], hs.shape[1], ht.shape[1])
-    vs = torch.linalg.svd(hs, full_matrices=False).Vh[:k]
-    vt = torch.linalg.svd(ht, full_matrices=False).Vh[:k]
-    m = torch.linalg.pinv(hs @ vs.T) @ (ht @ vt.T)
-    return vs.T @ m @ vt
 
 
 def activations(n: int, d: int, seed: int, mean: float = 3.0, draw: int = 0) -> torch.Tensor:
@@ -54,17 +42,8 @@ def paired_data(n: int, ds: int, dt: int, seed: int = 0, draw: int = 0):
     return hs, ht
 
 
-def stats_from(hs, ht, batches: int = 1) -> AlignmentStats:
-    m = Moments(hs.shape[1], ht.shape[1])
-    for xs, ys in zip(hs.chunk(batches), ht.chunk(batches), strict=True):
-        m.update(xs, ys)
-    return AlignmentStats(
-        layer_map=[(0, 0)],
-        moments=[m],
-        source=ModelInfo("src", "f0", hs.shape[1], 1),
-        target=ModelInfo("tgt", "f1", ht.shape[1], 1),
-        num_prompts=hs.shape[0],
-    )
+def stats_from(hs: torch.Tensor, ht: torch.Tensor, batches: int = 1) -> AlignmentStats:
+    return numerics.stats_from(hs, ht, torch.float32, batches)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

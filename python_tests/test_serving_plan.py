@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from unlock_fast import ModelInfo
+from unlock_fast.ops.steer import STEER_MODES
 from unlock_fast.serving.model import SteeringBuffers
 from unlock_fast.serving.plan import ScheduledRequest, fill_step, rows_to_steer
 from unlock_fast.serving.requests import UnlockRequest, cache_salt, parse_request, unlock_params
@@ -154,25 +155,63 @@ def _params(extra):
     return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))
 
 
-def test_each_step_fills_the_rows_and_clears_what_the_last_step_set():
-    reqs = {"r1": _params({"unlock_key": "k", "unlock_alpha": 0.5, "unlock_positions": "all"}),
-            "r2": _params(None)}  # fmt: skip
-    runner = _Runner(_Batch(["r1", "r2"], [0, 0], [3, 2]), [0, 3, 5], reqs)
+def _device_rows(buffers: SteeringBuffers) -> list[tuple[int, float, str] | None]:
+    """What the steering operator reads for each row of the device buffers: (key slot, alpha,
+    mode) for a steered row, None for a row it leaves alone."""
+    names = {code: name for name, code in STEER_MODES.items()}
+    rows = zip(buffers.slots.tolist(), buffers.alphas.tolist(), buffers.modes.tolist(), strict=True)
+    return [None if s < 0 else (s, round(a, 6), names[m]) for s, a, m in rows]
+
+
+def _step(ext, runner, ids, computed, prompt, qsl):
+    runner.input_batch = _Batch(ids, computed, prompt)
+    runner.query_start_loc = SimpleNamespace(np=np.array(qsl))
+    ext._unlock_step(None)
+
+
+def test_each_step_copies_every_rows_slot_alpha_and_mode_and_clears_the_last_steps():
+    reqs = {
+        "r1": _params({"unlock_key": "k", "unlock_alpha": 0.5, "unlock_mode": "add",
+                       "unlock_positions": "all"}),
+        "r2": _params(None),
+        "r3": _params({"unlock_key": "j", "unlock_alpha": 0.25}),  # rotate, last prompt token
+        "r4": _params({"unlock_key": "k", "unlock_positions": "generated"}),
+    }  # fmt: skip
+    runner = _Runner(_Batch([], [], []), [0], reqs)
     ext, buffers = _worker(runner)
-    ext._unlock_step(None)
-    assert buffers.slots.tolist() == [0, 0, 0, -1, -1, -1, -1, -1]
-    assert buffers.alphas[:3].tolist() == [0.5] * 3
-    runner.input_batch = _Batch(["r2"], [2], [2])  # r1 finished: nothing steered now
-    runner.query_start_loc = SimpleNamespace(np=np.array([0, 1]))
-    ext._unlock_step(None)
-    assert buffers.slots.tolist() == [-1] * 8
-    ext._unlock_step(None)  # nothing now or before: no copy at all
-    assert ext._unlock.step == 2
-    reqs["r3"] = _params({"unlock_key": "k"})  # the first host buffers again: r1's rows go
-    runner.input_batch = _Batch(["r2", "r3"], [2, 0], [2, 1])
-    runner.query_start_loc = SimpleNamespace(np=np.array([0, 1, 2]))
-    ext._unlock_step(None)
-    assert buffers.slots.tolist() == [-1, 0, -1, -1, -1, -1, -1, -1]
+    ext._unlock.slot_of["j"] = 1
+    add_k, rotate_j, none = (0, 0.5, "add"), (1, 0.25, "rotate"), None
+    # r1's prompt (3 rows), r2 unsteered, the first chunk of r3's 4-token prompt
+    _step(ext, runner, ["r1", "r2", "r3"], [0, 0, 0], [3, 2, 4], [0, 3, 5, 7])
+    assert _device_rows(buffers) == [add_k] * 3 + [none] * 5
+    # r1 decodes; r3's second chunk holds its last prompt token (row 2); r2 decodes
+    _step(ext, runner, ["r1", "r3", "r2"], [3, 2, 2], [3, 4, 2], [0, 1, 3, 4])
+    assert _device_rows(buffers) == [add_k, none, rotate_j] + [none] * 5
+    # r1 finished, r3 decodes (its last prompt token is behind it): nothing steered
+    _step(ext, runner, ["r3", "r2"], [4, 3], [4, 2], [0, 1, 2])
+    assert _device_rows(buffers) == [none] * 8
+    _step(ext, runner, ["r3", "r2"], [5, 4], [4, 2], [0, 1, 2])
+    assert _device_rows(buffers) == [none] * 8
+    # a generated token of r4 after r2's; the host buffers that held r1's rows are reused
+    _step(ext, runner, ["r2", "r4"], [5, 5], [2, 3], [0, 1, 2])
+    assert _device_rows(buffers) == [none, (0, 0.1, "rotate")] + [none] * 6
+
+
+def test_a_request_whose_key_is_unloaded_is_served_unsteered(caplog):
+    reqs = {"r1": _params({"unlock_key": "k", "unlock_positions": "all"})}
+    runner = _Runner(_Batch([], [], []), [0], reqs)
+    ext, buffers = _worker(runner)
+    ext._unlock.slot_of["j"] = 1  # another key stays loaded
+    buffers.table[0] = 1.0  # k's vectors
+    _step(ext, runner, ["r1"], [0], [2], [0, 2])
+    assert _device_rows(buffers) == [(0, 0.1, "rotate")] * 2 + [None] * 6
+    assert ext.unlock_unload_key("k")
+    assert not buffers.table[0].any()
+    with caplog.at_level("WARNING", logger="unlock_fast.serving"):
+        _step(ext, runner, ["r1"], [2], [2], [0, 1])
+        _step(ext, runner, ["r1"], [3], [2], [0, 1])
+    assert _device_rows(buffers) == [None] * 8
+    assert len([r for r in caplog.records if "'k' is not loaded" in r.message]) == 1
 
 
 def test_a_step_that_cannot_be_planned_is_served_unsteered_and_logged_once(caplog):

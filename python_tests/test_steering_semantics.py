@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_pipeline_steering import batch, hooks_left, layer_out, random_key
 from tiny_models import PROMPTS, make_model, word_tokenizer
 from transformers import DynamicCache
 
-from unlock_fast import ModelInfo, SteeringKey, steer
+from unlock_fast import steer
 from unlock_fast.capture import last_positions, layer_output
 from unlock_fast.layers import decoder_layers
 from unlock_fast.reference import steer_reference
@@ -17,38 +18,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 POSITIONS = ["last_prompt", "prompt", "generated", "all"]
 
 
-def random_key(model, seed=0) -> SteeringKey:
-    info = ModelInfo.of(model)
-    g = torch.Generator().manual_seed(seed)
-    vectors = torch.randn(info.num_layers, info.hidden_size, generator=g)
-    return SteeringKey(vectors, list(range(info.num_layers)), info)
-
-
-def hooks_left(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-def batch(tok, prompts):
-    return dict(tok(prompts, return_tensors="pt", padding=True))
-
-
 def greedy(model, inputs, use_cache, n=6):
     kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         return model.generate(**inputs, use_cache=use_cache, **kw)
-
-
-def layer_out(model, layer, **inputs):
-    seen = []
-    h = decoder_layers(model)[layer].register_forward_hook(
-        lambda _m, _a, o: seen.append(layer_output(o).clone())
-    )
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        h.remove()
-    return seen[0]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -104,10 +77,10 @@ def test_full_rerun_steers_the_prompts_last_token():
     n = mask.shape[1]
     ids = torch.cat([inputs["input_ids"], torch.full((3, 1), 7)], 1)
     grown = {"input_ids": ids, "attention_mask": torch.cat([mask, torch.ones(3, 1).long()], 1)}
-    before = layer_out(model, 1, **grown)
+    before, _ = layer_out(model, 1, **grown)
     with steer(model, key, alpha=0.5, positions="last_prompt", layers=[1]):
         layer_out(model, 1, **inputs)  # the prefill
-        after = layer_out(model, 1, **grown)  # the same rows and one more token, no cache
+        after, _ = layer_out(model, 1, **grown)  # the same rows and one more token, no cache
     want = steer_reference(before[:, :n], key.vector(1), 0.5, positions=pos)
     torch.testing.assert_close(after[:, :n], want, atol=1e-5, rtol=1e-5)
     changed = (after != before).any(-1)
@@ -121,8 +94,8 @@ def test_no_mask_takes_every_token_as_real():
     key = random_key(model)
     ids = batch(tok, PROMPTS[:1])["input_ids"]
     with steer(model, key, alpha=0.5, positions="all"):
-        bare = layer_out(model, 2, input_ids=ids)
-        masked = layer_out(model, 2, input_ids=ids, attention_mask=torch.ones_like(ids))
+        bare, _ = layer_out(model, 2, input_ids=ids)
+        masked, _ = layer_out(model, 2, input_ids=ids, attention_mask=torch.ones_like(ids))
     assert torch.equal(bare, masked)
 
 
@@ -196,11 +169,9 @@ def test_per_row_keys_follow_the_prompt_without_cache():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_add_at_every_token_is_one_torch_op_with_the_kernels_bits(monkeypatch, dtype):
-    """With every token selected (a CPU mask of ones), ``add`` steers with ``h.add_(alpha·r)``
-    and gives the bits the kernel gives; a padded batch still goes through the kernel."""
-    from unlock_fast import ops
-
+def test_add_at_every_token_has_the_bits_of_torchs_add(dtype):
+    """``add`` keeps alpha·r and computes h + (alpha·r) with one rounding: at every token the
+    steered model gives the bits of ``h.add_(alpha·r)`` in each layer."""
     tok = word_tokenizer("right")
     model = make_model("llama", len(tok)).to(dtype)
     key = random_key(model)
@@ -209,30 +180,18 @@ def test_add_at_every_token_is_one_torch_op_with_the_kernels_bits(monkeypatch, d
         "input_ids": inputs["input_ids"][:, :3],
         "attention_mask": torch.ones(2, 3, dtype=torch.long),
     }
-    calls = []
-    kernel = ops.steer_unchecked_
-    monkeypatch.setattr(ops, "steer_unchecked_", lambda *a: calls.append(1) or kernel(*a))
     with steer(model, key, alpha=0.3, mode="add", positions="all"), torch.no_grad():
-        fast = model(**full).logits
-        assert not calls  # every token selected: no kernel call
-        model(**inputs)
-        assert calls  # padding: the kernel, under the mask
+        steered = model(**full).logits
     hooks = [
         layer.register_forward_hook(
-            lambda _m, _a, o, i=i: ops.steer_(
-                layer_output(o),
-                (0.3 * key.vectors[i]).float(),
-                1.0,
-                mask=torch.ones(2, 3, dtype=torch.bool),
-                mode="add",
-            )  # fmt: skip
+            lambda _m, _a, o, i=i: layer_output(o).add_((0.3 * key.vectors[i]).float())
         )
         for i, layer in enumerate(decoder_layers(model))
     ]
     try:
         with torch.no_grad():
-            slow = model(**full).logits
+            added = model(**full).logits
     finally:
         for h in hooks:
             h.remove()
-    assert torch.equal(fast, slow)
+    assert torch.equal(steered, added)

@@ -45,6 +45,20 @@ def test_steer_op_passes_opcheck(dtype, kind, mode, per_row):
     torch.library.opcheck(torch.ops.unlock_fast.steer_, (h, vec, 0.3, pos, mask, mode))
 
 
+@pytest.mark.parametrize("kind", ["positions", "mask"])
+@pytest.mark.parametrize("mode", ["rotate", "add"])
+def test_unchecked_op_passes_opcheck_and_writes_like_the_function(kind, mode):
+    b, s, d = 4, 6, 24
+    h = hidden_states(b, s, d, torch.bfloat16)
+    vec = torch.randn(d)
+    pos, mask = selection(kind, b, s)
+    args = (vec, 0.3, STEER_MODES[mode], pos, mask)
+    torch.library.opcheck(torch.ops.unlock_fast.steer_unchecked_, (h.clone(), *args))
+    got = h.clone()
+    assert ops.steer_unchecked_op(got, *args) is None
+    assert torch.equal(got, ops.steer_unchecked_(h.clone(), *args))
+
+
 def test_steer_op_writes_like_the_function():
     h = hidden_states(3, 5, 16, torch.bfloat16)
     vec = torch.randn(16)

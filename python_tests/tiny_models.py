@@ -100,55 +100,34 @@ def _common(vocab: int) -> dict:
     return dict(vocab_size=vocab, pad_token_id=0, bos_token_id=2, eos_token_id=3)
 
 
+# Decoders built the same way: config class, default hidden size and depth, extra settings.
+_GQA = {"num_key_value_heads": 2}
+_DECODERS: dict[str, tuple[type, int, int, dict]] = {
+    "llama": (LlamaConfig, 32, 3, _GQA),
+    "qwen2": (Qwen2Config, 48, 5, _GQA),
+    "gemma3": (Gemma3TextConfig, 40, 4, {**_GQA, "head_dim": 16, "sliding_window": 8}),
+    "gpt_neox": (GPTNeoXConfig, 36, 3, {"max_position_embeddings": 128}),
+}
+
+
 def make_model(
     arch: str, vocab: int, *, seed: int = 0, hidden: int | None = None, layers: int | None = None
 ) -> torch.nn.Module:
     """A tiny random model of ``arch`` in eval mode with eager attention."""
-    if arch == "llama":
-        h, n = hidden or 32, layers or 3
-        cfg = LlamaConfig(
+    if arch in _DECODERS:
+        cls, h0, n0, extra = _DECODERS[arch]
+        h, n = hidden or h0, layers or n0
+        cfg = cls(
             hidden_size=h,
             intermediate_size=2 * h,
             num_hidden_layers=n,
             num_attention_heads=4,
-            num_key_value_heads=2,
-            **_common(vocab),
-        )
-    elif arch == "qwen2":
-        h, n = hidden or 48, layers or 5
-        cfg = Qwen2Config(
-            hidden_size=h,
-            intermediate_size=2 * h,
-            num_hidden_layers=n,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **_common(vocab),
-        )
-    elif arch == "gemma3":
-        h, n = hidden or 40, layers or 4
-        cfg = Gemma3TextConfig(
-            hidden_size=h,
-            intermediate_size=2 * h,
-            num_hidden_layers=n,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            sliding_window=8,
+            **extra,
             **_common(vocab),
         )
     elif arch == "gpt2":
         h, n = hidden or 24, layers or 2
         cfg = GPT2Config(n_embd=h, n_layer=n, n_head=4, n_positions=128, **_common(vocab))
-    elif arch == "gpt_neox":
-        h, n = hidden or 36, layers or 3
-        cfg = GPTNeoXConfig(
-            hidden_size=h,
-            intermediate_size=2 * h,
-            num_hidden_layers=n,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            **_common(vocab),
-        )
     else:
         raise ValueError(arch)
     cfg._attn_implementation = "eager"

@@ -22,17 +22,17 @@ removed on exit, also on exceptions; the model is then bit-for-bit what it was.
 
 Cost: the key, alpha and mode are checked once, when the hooks are installed, and each call's
 positions or mask once per call and device; a layer hook then checks only the hidden states
-and calls the kernel (:func:`unlock_fast.ops.steer_unchecked_`). ``add`` keeps alpha·r and
-computes h + (alpha·r), one rounding; when a call selects every token (a mask of ones, known
-on the CPU without a device sync) a layer step is the single torch op ``h.add_(alpha·r)``,
-the same bits as the kernel.
+and calls the kernel (:func:`unlock_fast.ops.steer_unchecked_`), which never synchronises
+with the device. ``add`` keeps alpha·r and the kernel computes h + (alpha·r), one rounding:
+the bits of torch's ``h.add_(alpha·r)``. When grad is on and the hidden states need it, a
+layer step is the differentiable :func:`unlock_fast.reference.steer_reference` instead.
 
 ``torch.compile``: a steered model compiles without graph breaks from the hooks (also with
-``fullgraph=True``). Under compilation the layer hooks call the registered operator
-``torch.ops.unlock_fast.steer_`` and the pre-hook reads the mask and cache without a host
-sync; see :mod:`unlock_fast.steering_state` for the two refusals that become asynchronous
-assertions there, and for the one kind of call (a no-cache re-run) that still compares tokens
-on the host (a graph break).
+``fullgraph=True``). Under compilation the layer hooks call the same kernel entry as the
+registered operator ``torch.ops.unlock_fast.steer_unchecked_`` and the pre-hook reads the
+mask and cache without a host sync; see :mod:`unlock_fast.steering_state` for the two
+refusals that become asynchronous assertions there, and for the one kind of call (a no-cache
+re-run) that still compares tokens on the host (a graph break).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ops, reference
+from . import reference
 from .artifacts import KeyLike, ModelInfo, SteeringKey
 from .capture import layer_output
 from .layers import (
@@ -57,13 +57,13 @@ from .layers import (
     model_name,
     resolve_layer_indices,
 )
-from .ops.steer import STEER_MODES
+from .ops.library import steer_unchecked_op
+from .ops.steer import STEER_MODES, kernel_operands, steer_unchecked_
 from .steering_state import POSITIONS, CallTracker
 
 __all__ = ["Key", "SteeringHandle", "steer", "MODES", "POSITIONS"]
 
-MODES = ("rotate", "add")
-_ADD = STEER_MODES["add"]
+MODES = tuple(STEER_MODES)  # ("rotate", "add"): the kernel's modes, by name
 
 
 Key = KeyLike | Sequence[KeyLike | None] | torch.Tensor
@@ -151,7 +151,6 @@ class _OnDevice:
     positions: torch.Tensor | None
     mask: torch.Tensor | None
     rows: tuple[int, ...]  # (B,) for positions, (B, S) for a mask: what hidden must match
-    everything: bool = False  # a mask known (without a device sync) to select every token
 
 
 @dataclass
@@ -160,23 +159,19 @@ class _Call:
 
     positions: torch.Tensor | None  # [B] long, -1 = leave the row alone
     mask: torch.Tensor | None  # [B, S] bool
-    add: bool = False  # add mode: worth knowing whether the mask selects every token
     per_device: dict[int, _OnDevice] = field(default_factory=dict)  # by get_device()
 
     def on(self, h: torch.Tensor) -> _OnDevice:
         """The selection on ``h``'s device: moved there and checked the first time only."""
         sel = self.per_device.get(h.get_device())
         if sel is None:
-            sel = _checked(self.positions, self.mask, h.device, self.add)
+            sel = _checked(self.positions, self.mask, h.device)
             self.per_device[h.get_device()] = sel
         return sel
 
 
 def _checked(
-    positions: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    device: torch.device,
-    add: bool = False,
+    positions: torch.Tensor | None, mask: torch.Tensor | None, device: torch.device
 ) -> _OnDevice:
     """The selection in the form the unchecked kernel entry takes (int64 contiguous
     positions or a bool mask, on ``device``); ValueError when it is neither."""
@@ -187,8 +182,7 @@ def _checked(
     elif mask is not None and positions is None:
         m = mask if mask.device == device else mask.to(device)
         if m.dtype == torch.bool and m.dim() == 2:
-            every = add and m.is_cpu and bool(m.all())  # no host sync on an accelerator
-            return _OnDevice(None, m, (int(m.shape[0]), int(m.shape[1])), every)
+            return _OnDevice(None, m, (int(m.shape[0]), int(m.shape[1])))
     raise ValueError("a steering call needs [B] int positions or a [B, S] bool mask")
 
 
@@ -214,7 +208,7 @@ class SteeringHandle:
         self.layers = layers
         # add: alpha·r once here, so that h + (alpha·r) is one rounding, as torch's add_
         # [L_sel, d] or [B, L_sel, d], fp32; a shared key's per-layer rows ready for the kernel
-        self._vectors, self._kernel_alpha = ops.steer.kernel_operands(vectors, self.alpha, mode)
+        self._vectors, self._kernel_alpha = kernel_operands(vectors, self.alpha, mode)
         shared = self._vectors.dim() == 2
         self._rows = list(self._vectors.contiguous().unbind(0)) if shared else []
         self._row_on = row_on
@@ -276,7 +270,7 @@ class SteeringHandle:
         on = self._rows_on(int(sel.where.shape[0]), sel.where.device)
         if on is not None:
             sel = sel.only_rows(on)
-        self._call = _Call(positions=sel.positions, mask=sel.mask, add=self._mode_code == _ADD)
+        self._call = _Call(positions=sel.positions, mask=sel.mask)
 
     def _post_hook(self, *_: Any) -> None:
         self._call = None
@@ -304,9 +298,18 @@ class SteeringHandle:
         k = (i, h.get_device(), 0 if shared else h.shape[0])
         v = self._vec_cache.get(k)
         if v is None:
-            v = self._vectors[i] if shared else self._expand(self._vectors[:, i], h.shape[0])
-            v = self._vec_cache[k] = v.to(device=h.device, dtype=torch.float32).contiguous()
+            v = self._vec_cache[k] = self._vector_on(i, h)
         return v
+
+    def _vector_on(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s vector for ``h``: fp32, contiguous, on its device, [d] for a shared
+        key or [B, d] with the key's rows expanded to the batch."""
+        v = (
+            self._vectors[i]
+            if self._vectors.dim() == 2
+            else self._expand(self._vectors[:, i], h.shape[0])
+        )
+        return v.to(device=h.device, dtype=torch.float32).contiguous()
 
     def _layer_hook(self, i: int) -> Callable[[nn.Module, Any, Any], Any]:
         def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
@@ -314,52 +317,36 @@ class SteeringHandle:
             if call is None:
                 return None
             h = layer_output(output)
-            if torch.compiler.is_compiling():
-                return self._traced_step(i, h, output, call)
-            sel = call.on(h)
-            vec = self._vector(i, h)
+            vec, sel = self._operands(i, h, call)
             alpha = self._kernel_alpha
-            if torch.is_grad_enabled() and h.requires_grad:  # differentiable path
+            if torch.is_grad_enabled() and h.requires_grad:  # autograd: the reference rule
                 new = reference.steer_reference(
                     h, vec, alpha, positions=sel.positions, mask=sel.mask, mode=self.mode
                 )
                 return _replace(output, new)
             target = h if h.is_contiguous() else h.contiguous()
-            if sel.everything and sel.rows == _rows(target):
-                # every token, added: one torch op, the same bits as the kernel's h + (alpha·r)
-                target.add_(vec if vec.dim() == 1 else vec[:, None])
-            elif target.shape[: len(sel.rows)] == sel.rows:
-                # alpha, mode and the vector were checked at installation, the selection
-                # once per call and device: only hidden is checked per layer.
-                ops.steer_unchecked_(target, vec, alpha, self._mode_code, sel.positions, sel.mask)
-            else:  # a shape mismatch: the checked entry raises naming it
-                ops.steer_(
-                    target, vec, alpha, positions=sel.positions, mask=sel.mask, mode=self.mode
+            if target.shape[: len(sel.rows)] != sel.rows:
+                raise ValueError(
+                    f"the call selects tokens of a {list(sel.rows)} batch, but layer "
+                    f"{self.layers[i]} returned hidden states of shape {list(target.shape)}"
                 )
+            # alpha, mode and the vector were checked at installation, the selection once
+            # per call and device: the kernel entry checks only hidden. Under torch.compile
+            # the same entry runs as the operator ``torch.ops.unlock_fast.steer_unchecked_``
+            # (one graph node, not a break).
+            kernel = steer_unchecked_op if torch.compiler.is_compiling() else steer_unchecked_
+            kernel(target, vec, alpha, self._mode_code, sel.positions, sel.mask)
             return None if target is h else _replace(output, target)
 
         return hook
 
-    def _traced_step(self, i: int, h: torch.Tensor, output: Any, call: _Call) -> Any:
-        """The layer step under ``torch.compile``: no caches, and the kernel as the operator
-        ``torch.ops.unlock_fast.steer_``, so the hook adds one graph node, not a break."""
-        vec = self._vectors[i] if self._vectors.dim() == 2 else self._vectors[:, i]
-        if vec.dim() == 2:
-            vec = self._expand(vec, h.shape[0])
-        vec = vec.to(device=h.device, dtype=torch.float32).contiguous()
-        pos = None if call.positions is None else call.positions.to(h.device)
-        mask = None if call.mask is None else call.mask.to(h.device)
-        alpha = self._kernel_alpha
-        if torch.is_grad_enabled() and h.requires_grad:
-            new = reference.steer_reference(h, vec, alpha, positions=pos, mask=mask, mode=self.mode)
-            return _replace(output, new)
-        target = h.contiguous()
-        torch.ops.unlock_fast.steer_(target, vec, alpha, pos, mask, self.mode)
-        return _replace(output, target)
-
-
-def _rows(h: torch.Tensor) -> tuple[int, int]:
-    return h.size(0), h.size(1)
+    def _operands(self, i: int, h: torch.Tensor, call: _Call) -> tuple[torch.Tensor, _OnDevice]:
+        """Layer ``i``'s vector (fp32, contiguous, [d] or [B, d]) and the call's selection on
+        ``h``'s device; cached, except under ``torch.compile``, whose tensors must not
+        outlive the trace."""
+        if torch.compiler.is_compiling():
+            return self._vector_on(i, h), _checked(call.positions, call.mask, h.device)
+        return self._vector(i, h), call.on(h)
 
 
 def _replace(output: Any, h: torch.Tensor) -> Any:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from .common import fit_transfer, write_diagnostics
-from .options import add_alignment, add_command, add_data, add_model, add_output, add_runtime
+from .options import add_command, add_fit
 
 __all__ = ["add_parser", "run"]
 
@@ -20,12 +20,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "paired by proportional depth) on the direct-prompt form of N problems, in the "
         "streaming Gram form, and report held-out relative error and centred R² per layer.",
     )
-    add_model(p, "source", "-s")
-    add_model(p, "target", "-t")
-    add_alignment(p)
-    add_output(p, "folder to write the alignment to")
-    add_data(p, 64, "problems to fit on (N)")
-    add_runtime(p)
+    add_fit(p, "folder to write the alignment to", "problems to fit on (N)")
     p.set_defaults(run=run)
 
 

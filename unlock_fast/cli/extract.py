@@ -9,7 +9,15 @@ from typing import Any
 from .. import extract_direction
 from ..prompts import format_prompts
 from .common import chat_for, load, problems
-from .options import add_command, add_data, add_model, add_output, add_runtime, layer_spec
+from .options import (
+    add_command,
+    add_data,
+    add_method,
+    add_model,
+    add_output,
+    add_runtime,
+    layer_spec,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -34,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--unlocked-gguf-file", default=None, metavar="FILE", help="GGUF file for --unlocked-model"
     )
-    p.add_argument("--method", choices=("mean", "pca"), default="mean", help="aggregation")
+    add_method(p, "aggregation")
     p.add_argument(
         "--layers",
         type=layer_spec,

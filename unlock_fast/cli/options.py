@@ -8,12 +8,19 @@ from typing import TypeVar
 
 import torch
 
+from ..direction import METHODS
+from ..estimator import SOLVERS
+from ..steering import MODES
+from ..steering_state import POSITIONS
+
 __all__ = [
     "EPILOG_MODELS",
     "HelpFormatter",
     "add_alignment",
     "add_command",
     "add_data",
+    "add_fit",
+    "add_method",
     "add_max_new_tokens",
     "add_model",
     "add_output",
@@ -203,6 +210,27 @@ def add_model(p: argparse.ArgumentParser, role: str, short: str) -> None:
     )
 
 
+def add_method(p: argparse.ArgumentParser, help: str) -> None:
+    """--method: how a direction aggregates the differences (:data:`direction.METHODS`)."""
+    p.add_argument("--method", choices=tuple(METHODS), default="mean", help=help)
+
+
+def add_fit(
+    p: argparse.ArgumentParser, out_help: str, data_help: str, *, method: bool = False
+) -> None:
+    """The options of a command that fits on Source and Target (align, transfer): the two
+    models, --method when it also extracts the direction, the alignment, the output, the
+    data (64 problems by default) and the runtime."""
+    add_model(p, "source", "-s")
+    add_model(p, "target", "-t")
+    if method:
+        add_method(p, "direction aggregation")
+    add_alignment(p)
+    add_output(p, out_help)
+    add_data(p, 64, data_help)
+    add_runtime(p)
+
+
 def add_output(p: argparse.ArgumentParser, help: str, default: str | None = None) -> None:
     """-o/--out: required unless it has a default."""
     p.add_argument("-o", "--out", required=default is None, default=default, help=help)
@@ -242,7 +270,7 @@ def add_alignment(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--solver",
-        choices=("auto", "exact", "randomized"),
+        choices=SOLVERS,
         default=None,
         help="eigensolver of the fit: auto (exact results; a verified sketch when N is "
         "below the hidden size), exact (dense), randomized (fast, approximate) "
@@ -276,13 +304,13 @@ def add_steering(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=float, default=0.1, help="steering strength")
     g.add_argument(
         "--mode",
-        choices=("rotate", "add"),
+        choices=MODES,
         default="rotate",
         help="rotate keeps the hidden-state norm (paper); add adds alpha*key",
     )
     g.add_argument(
         "--positions",
-        choices=("last_prompt", "prompt", "generated", "all"),
+        choices=POSITIONS,
         default="last_prompt",
         help="which tokens to steer",
     )

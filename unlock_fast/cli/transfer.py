@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from .common import fit_transfer, write_diagnostics
-from .options import add_alignment, add_command, add_data, add_model, add_output, add_runtime
+from .options import add_command, add_fit
 
 __all__ = ["add_parser", "run"]
 
@@ -20,15 +20,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "direction into a Target key, and write direction/, alignment/, key/ and "
         "diagnostics.{json,md} to --out.",
     )
-    add_model(p, "source", "-s")
-    add_model(p, "target", "-t")
-    p.add_argument(
-        "--method", choices=("mean", "pca"), default="mean", help="direction aggregation"
+    add_fit(
+        p,
+        "folder for the artifacts",
+        "problems for the direction and the alignment (N)",
+        method=True,
     )
-    add_alignment(p)
-    add_output(p, "folder for the artifacts")
-    add_data(p, 64, "problems for the direction and the alignment (N)")
-    add_runtime(p)
     p.set_defaults(run=run)
 
 

@@ -6,7 +6,7 @@ see :mod:`.library`).
 """
 
 from .core import backends
-from .library import moments_accumulate_op, steer_op, steer_tokens_op
+from .library import moments_accumulate_op, steer_op, steer_tokens_op, steer_unchecked_op
 from .moments import MOMENTS_PRECISIONS, moments_accumulate_
 from .rsvd import eigh_topk, svd_topk
 from .steer import steer_, steer_tokens_, steer_unchecked_
@@ -22,5 +22,6 @@ __all__ = [
     "steer_tokens_",
     "steer_tokens_op",
     "steer_unchecked_",
+    "steer_unchecked_op",
     "svd_topk",
 ]

@@ -22,8 +22,10 @@ from .core import (
 
 __all__ = ["STEER_MODES", "kernel_operands", "steer_", "steer_tokens_", "steer_unchecked_"]
 
-# mode codes of csrc/include/unlock/steer.h (enum class SteerMode)
+# The steering modes, by name (the one definition of the names), and their codes in
+# csrc/include/unlock/steer.h (enum class SteerMode).
 STEER_MODES = {"rotate": 0, "add": 1}
+_MODE_NAMES = " or ".join(repr(m) for m in STEER_MODES)
 
 
 def kernel_operands(vector: torch.Tensor, alpha: float, mode: str) -> tuple[torch.Tensor, float]:
@@ -64,7 +66,7 @@ def steer_(
     v = vector if type(vector) is torch.Tensor else as_tensor(vector, "vector")
     code = STEER_MODES.get(mode) if type(mode) is str else None
     if code is None:
-        raise ValueError(f"mode must be 'rotate' or 'add', got {mode!r}")
+        raise ValueError(f"mode must be {_MODE_NAMES}, got {mode!r}")
     if type(alpha) is not float:
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
             raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")

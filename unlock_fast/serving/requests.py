@@ -20,7 +20,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from ..steering import MODES, POSITIONS
+from ..steering import MODES
+from ..steering_state import POSITIONS
 
 __all__ = [
     "ARG_ALPHA",
