@@ -381,3 +381,12 @@ def test_the_command_refuses_a_key_made_for_gemma(capsys, monkeypatch):
     ]  # fmt: skip
     assert main(argv) == 2
     assert "was made for" in capsys.readouterr().err
+
+
+def test_the_command_explains_itself(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["lm-eval", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--compare" in text
+    assert "--model-args" in text

@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from .._optional import require
@@ -193,7 +194,7 @@ def evaluate(
         steered.pop("samples", None)
         unsteered.pop("samples", None)
     if out:
-        stamp = str(steered.get("date", "")).replace(".", "_") or "run"
+        stamp = datetime.now().isoformat().replace(":", "-")  # as lm-eval stamps its files
         path = Path(out)
         dest = (
             path.with_name(f"{path.stem}_paired.json")
