@@ -193,6 +193,29 @@ def tok_of(tiny):
     return tiny[1]
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3", "qwen2"])  # absolute positions, a window
+def test_padded_batches_score_as_the_hand_steered_forward_on_other_architectures(arch, tmp_path):
+    tok = word_tokenizer("right")
+    model = make_model(arch, len(tok))
+    info = ModelInfo.of(model)
+    g = torch.Generator().manual_seed(1)
+    key = SteeringKey(
+        torch.randn(info.num_layers, info.hidden_size, generator=g),
+        list(range(info.num_layers)),
+        info,
+    )
+    key.save_pretrained(tmp_path / "k")
+    lm = model_class()(
+        pretrained=model, tokenizer=tok, key=str(tmp_path / "k"), alpha=ALPHA, batch_size=4
+    )
+    # contexts of 2 to 15 tokens (past gemma3's window of 8), continuations of 1 to 3
+    reqs = [
+        (None, [2, *range(10, 10 + n)], [30, 31, 32][: 1 + n % 3]) for n in (1, 4, 9, 14, 3, 12)
+    ]
+    for (_, c, k), (ll, _) in zip(reqs, lm._loglikelihood_tokens(reqs), strict=True):
+        assert ll == pytest.approx(hand_loglikelihood(model, key, ALPHA, c, k), abs=1e-4)
+
+
 def test_rows_with_equal_tokens_and_different_contexts_are_steered_apart(tiny):
     model, _, key, _ = tiny
     # the same row [2 5 6 7]: context [2 5 6] + [7 8], and context [2 5 6 7] + [8]
@@ -245,22 +268,30 @@ def test_unsteered_runs_equal_lm_evals_hf_model(tiny, tasks):
 # ---------------------------------------------------------------- refusals and arguments
 
 
-def test_a_key_for_another_model_is_refused_before_any_task_runs(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("other", "match"),
+    [
+        ({"hidden": 48}, "hidden size 48"),  # another shape
+        ({"layers": 3, "seed": 5, "vocab_extra": 3}, "config fingerprint"),  # same shape
+    ],
+)
+def test_a_key_for_another_model_is_refused_before_any_task_runs(
+    tiny, tmp_path, monkeypatch, other, match
+):
     model, tok, _, _ = tiny
-    other = make_model("llama", len(tok), hidden=48)
-    info = ModelInfo.of(other)
-    SteeringKey(
-        torch.ones(info.num_layers, info.hidden_size), list(range(info.num_layers)), info
-    ).save_pretrained(tmp_path / "k")
+    shape = {k: v for k, v in other.items() if k != "vocab_extra"}
+    made_for = make_model("llama", len(tok) + other.get("vocab_extra", 0), **shape)
+    info = ModelInfo.of(made_for)
+    vectors = torch.ones(info.num_layers, info.hidden_size)
+    SteeringKey(vectors, list(range(info.num_layers)), info).save_pretrained(tmp_path / "k")
 
     def never(*_a, **_k):
         raise AssertionError("an evaluation started")
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", never)
-    with pytest.raises(ValueError, match="was made for"):
-        evaluate(
-            {"pretrained": model, "tokenizer": tok, "key": str(tmp_path / "k")}, ["unlock_arith"]
-        )
+    args = {"pretrained": model, "tokenizer": tok, "key": str(tmp_path / "k")}
+    with pytest.raises(ValueError, match=match):
+        evaluate(args, ["unlock_arith"])
 
 
 @pytest.mark.parametrize(

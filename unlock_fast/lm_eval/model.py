@@ -182,7 +182,8 @@ class UnlockSteering(_HFLM):
             self._enabled = before
 
     def _steer(self) -> SteeringHandle:
-        assert self.key is not None
+        if self.key is None:
+            raise RuntimeError("this model has no key to steer with")
         s = self.steering
         return steer(self.model, self.key, alpha=s.alpha, mode=s.mode, positions=s.positions)
 
