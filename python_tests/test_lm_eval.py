@@ -109,16 +109,16 @@ def unlock(tiny, batch_size=4, **kw):
 
 def rotate_hooks(model, key, alpha, where):
     """The paper's rule written out: after every decoder layer, the hidden state of row 0 at
-    ``where`` turns toward the key and keeps its norm."""
+    the token indices ``where`` turns toward the key and keeps its norm."""
 
     def hook(i):
         def fn(_m, _a, out):
             h = layer_output(out)
             r = key.vectors[i].to(h)
             x = h[0, where]
-            n = x.norm()
+            n = x.norm(dim=-1, keepdim=True)
             y = x / n + alpha * r / r.norm()
-            h[0, where] = y / y.norm() * n
+            h[0, where] = y / y.norm(dim=-1, keepdim=True) * n
 
         return fn
 
@@ -156,11 +156,18 @@ def test_generations_equal_steer_then_generate(tiny, tasks, batch_size):
 # ---------------------------------------------------------------- loglikelihood
 
 
-def hand_loglikelihood(model, key, alpha, context, continuation):
-    """One row, no padding: the steered forward at the context's last token."""
+def hand_loglikelihood(model, key, alpha, context, continuation, positions="last_prompt"):
+    """One row, no padding: the steered forward at the context's last token (or, for the
+    other positions, at every context token, every continuation token, or both)."""
     ids = torch.tensor([context + continuation[:-1]])
     where = len(context) - 1
-    hooks = rotate_hooks(model, key, alpha, where)
+    steered = {
+        "last_prompt": [where],
+        "prompt": list(range(len(context))),
+        "generated": list(range(len(context), ids.shape[1])),
+        "all": list(range(ids.shape[1])),
+    }[positions]
+    hooks = rotate_hooks(model, key, alpha, steered)
     try:
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
@@ -214,6 +221,18 @@ def test_padded_batches_score_as_the_hand_steered_forward_on_other_architectures
     ]
     for (_, c, k), (ll, _) in zip(reqs, lm._loglikelihood_tokens(reqs), strict=True):
         assert ll == pytest.approx(hand_loglikelihood(model, key, ALPHA, c, k), abs=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["prompt", "generated", "all"])
+def test_other_positions_take_the_context_as_prompt_and_the_continuation_as_generated(
+    tiny, positions
+):
+    model, _, key, _ = tiny
+    lm = unlock(tiny, batch_size=3, positions=positions)
+    reqs = [(None, [2, 5, 6], [7, 8, 9]), (None, [2, 9, 10, 11, 12], [13]), (None, [2], [5, 6])]
+    for (_, c, k), (ll, _) in zip(reqs, lm._loglikelihood_tokens(reqs), strict=True):
+        want = hand_loglikelihood(model, key, ALPHA, c, k, positions)
+        assert ll == pytest.approx(want, abs=1e-4)
 
 
 def test_rows_with_equal_tokens_and_different_contexts_are_steered_apart(tiny):
