@@ -111,21 +111,26 @@ def _positions(mask: torch.Tensor, start: torch.Tensor | None = None) -> torch.T
     return pos.clamp(min=0).masked_fill(~mask, 0)
 
 
-def _cache_argument(model: nn.Module) -> str:
-    """The name under which the model's forward takes a KV cache (``cache`` since
-    transformers 5.x renamed it, ``past_key_values`` before)."""
+def _forward_arguments(model: nn.Module) -> tuple[str, str | None]:
+    """The names under which the model's forward takes a KV cache (``cache`` since
+    transformers 5 renamed it, ``past_key_values`` before) and the number of positions to
+    compute logits for (``logits_to_keep``, earlier ``num_logits_to_keep``; None: all)."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
+        return "past_key_values", None
+    cache = "cache" if "cache" in params else "past_key_values"
+    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+    return cache, keep
 
 
 def split_forward(model: nn.Module, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """Logits [B, S, V] of ``rows`` [B, S] (lm-eval's right-padded loglikelihood batch),
     computed as a prefill of each row's context ``rows[i, :last[i] + 1]`` followed by the
     rest of the row on the prefill's KV cache. Padding after a row's real tokens is fed as
-    lm-eval feeds it (its logits are never read)."""
+    lm-eval feeds it. Only the logits lm-eval reads are computed: from each row's last
+    context token on (the prefill keeps its last column when the model can); the columns
+    before a row's last context token repeat that token's logits."""
     b, s = rows.shape
     if last.shape != (b,) or bool((last < 0).any()) or bool((last >= s).any()):
         raise ValueError(f"last context indices must be [B] in [0, {s}), got {last.tolist()}")
@@ -137,13 +142,15 @@ def split_forward(model: nn.Module, rows: torch.Tensor, last: torch.Tensor) -> t
     ctx_mask = torch.arange(width, device=dev)[None, :] >= shift[:, None]
     src = (torch.arange(width, device=dev)[None, :] - shift[:, None]).clamp(min=0)
     ctx = torch.where(ctx_mask, rows.gather(1, src), torch.full_like(src, _PAD))
+    cache_arg, keep_arg = _forward_arguments(model)
     out = model(
         input_ids=ctx,
         attention_mask=ctx_mask.long(),
         position_ids=_positions(ctx_mask),
         use_cache=True,
+        **({} if keep_arg is None else {keep_arg: 1}),
     )
-    logits = out.logits
+    logits = out.logits[:, -1:]  # each context's last token: the one lm-eval reads
     rest = s - 1 - int(last.min())  # the longest continuation part
     if rest > 0:
         # the continuations, right-padded, on the cache: positions go on from the context's
@@ -155,15 +162,11 @@ def split_forward(model: nn.Module, rows: torch.Tensor, last: torch.Tensor) -> t
             input_ids=cont,
             attention_mask=torch.cat([ctx_mask, cont_mask], dim=1).long(),
             position_ids=_positions(cont_mask, last + 1),
-            **{_cache_argument(model): _cache_of(out)},
+            **{cache_arg: _cache_of(out)},
             use_cache=True,
         )
         logits = torch.cat([logits, out2.logits], dim=1)
-    # back to lm-eval's layout: token j of row i is column shift+j of the prefill while
-    # j <= last[i], else column width + (j - last[i] - 1) of the continuation call
-    index = torch.where(
-        ar[None, :] <= last[:, None],
-        shift[:, None] + ar[None, :],
-        width + ar[None, :] - last[:, None] - 1,
-    ).clamp(max=logits.shape[1] - 1)
+    # back to lm-eval's layout: token j of row i is column 0 (the prefill's last) while
+    # j <= last[i], else column 1 + (j - last[i] - 1) of the continuation call
+    index = (ar[None, :] - last[:, None]).clamp(min=0, max=logits.shape[1] - 1)
     return logits.gather(1, index[:, :, None].expand(b, s, logits.shape[-1]))
