@@ -4,6 +4,7 @@
     unlock-fast transfer -s SRC -t TGT -o keys/
     unlock-fast generate -m TGT --key keys/key --prompt "..."
     unlock-fast evaluate -t TGT --key keys/key --dataset builtin
+    unlock-fast lm-eval --model-args pretrained=TGT,key=keys/key --tasks gsm8k
 
 Models are hub ids, local folders, ``.gguf`` files, or the shipped names ``gemma-3-270m``
 and ``smollm2-135m-instruct``. A user mistake prints one line and exits with status 2.
@@ -17,14 +18,14 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import align, demo, evaluate, export, extract, generate, serve, transfer
+from . import align, demo, evaluate, export, extract, generate, lm_eval, serve, transfer
 from .common import OneLineParser, UsageError, run_command
 from .options import EPILOG_MODELS
 
 __all__ = ["UsageError", "build_parser", "main"]
 
 # In the order of ``unlock-fast --help``.
-_COMMANDS = (demo, extract, align, transfer, generate, evaluate, export, serve)
+_COMMANDS = (demo, extract, align, transfer, generate, evaluate, lm_eval, export, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command == "serve":  # what serve does not know is vLLM's
         args.vllm_args, extra = extra, []
+    if args.command == "lm-eval":  # and what lm-eval does not know is lm-eval's
+        args.lm_eval_args, extra = extra, []
     if extra:  # name the command whose options these are not
         _command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
