@@ -59,17 +59,18 @@ def offline(tmp_path_factory):
         yield
 
 
+def _random_key(model, seed):
+    info = ModelInfo.of(model)
+    g = torch.Generator().manual_seed(seed)
+    vectors = torch.randn(info.num_layers, info.hidden_size, generator=g)
+    return SteeringKey(vectors, list(range(info.num_layers)), info)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tok = word_tokenizer("right")
     model = make_model("llama", len(tok))
-    info = ModelInfo.of(model)
-    g = torch.Generator().manual_seed(0)
-    key = SteeringKey(
-        torch.randn(info.num_layers, info.hidden_size, generator=g),
-        list(range(info.num_layers)),
-        info,
-    )
+    key = _random_key(model, seed=0)
     path = tmp_path_factory.mktemp("key") / "key"
     key.save_pretrained(path)
     return model, tok, key, path
@@ -204,13 +205,7 @@ def tok_of(tiny):
 def test_padded_batches_score_as_the_hand_steered_forward_on_other_architectures(arch, tmp_path):
     tok = word_tokenizer("right")
     model = make_model(arch, len(tok))
-    info = ModelInfo.of(model)
-    g = torch.Generator().manual_seed(1)
-    key = SteeringKey(
-        torch.randn(info.num_layers, info.hidden_size, generator=g),
-        list(range(info.num_layers)),
-        info,
-    )
+    key = _random_key(model, seed=1)
     key.save_pretrained(tmp_path / "k")
     lm = model_class()(
         pretrained=model, tokenizer=tok, key=str(tmp_path / "k"), alpha=ALPHA, batch_size=4
