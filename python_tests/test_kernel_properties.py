@@ -290,8 +290,20 @@ def test_steer_matches_reference(
     assert out is hidden
     chosen = selected_rows(positions, mask, s)
     got = hidden.cpu()
-    torch.testing.assert_close(got[chosen].float(), ref[chosen].float(), **STEER_TOL[dtype])
+    # Where h/|h| + alpha·r/|r| cancels (d = 1, alpha = ±1), the rotated direction is
+    # undefined and its sign follows rounding: compare the well-posed rows only.
+    posed = chosen & ~_cancelling(base, vec, alpha) if mode == "rotate" else chosen
+    torch.testing.assert_close(got[posed].float(), ref[posed].float(), **STEER_TOL[dtype])
     assert torch.equal(got[~chosen], before.cpu()[~chosen])
+
+
+def _cancelling(base: torch.Tensor, vec: torch.Tensor, alpha: float) -> torch.Tensor:
+    """[B, S]: rows where the rotation's sum h/|h| + alpha·r/|r| is nearly zero."""
+    h = base.double()
+    r = vec.double().expand(h.shape[0], h.shape[2])[:, None, :]
+    unit_h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    unit_r = r / r.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    return (unit_h + alpha * unit_r).norm(dim=-1) < 1e-3
 
 
 @properties(50)
