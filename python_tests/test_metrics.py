@@ -87,7 +87,12 @@ def test_condition_measures() -> None:
 
 def test_report_tables_and_plots(tmp_path: Path) -> None:
     from unlock_fast.demo.plots import plot_accuracy_vs_alpha
-    from unlock_fast.evaluation.conditions import ConditionResult, EvaluationResult, ItemResult
+    from unlock_fast.evaluation.conditions import (
+        ConditionResult,
+        EvaluationResult,
+        ItemResult,
+        write_items,
+    )
     from unlock_fast.evaluation.report import condition_table, write_json
 
     def items(cond: str, verdicts: list[bool]) -> list[ItemResult]:
@@ -113,7 +118,7 @@ def test_report_tables_and_plots(tmp_path: Path) -> None:
     assert payload["conditions"][1]["accuracy"]["correct"] == 3
     path = write_json(payload, tmp_path / "r.json")
     assert json.loads(path.read_text())["comparisons"][0]["b"] == "unlock"
-    res.write_items(tmp_path / "items.jsonl")
+    write_items(res.conditions.values(), tmp_path / "items.jsonl")
     assert len((tmp_path / "items.jsonl").read_text().splitlines()) == 12
     png = plot_accuracy_vs_alpha(
         {

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .._optional import MissingDependency
-from ..evaluation.conditions import CONDITIONS, EvaluationResult, Runner
+from ..evaluation.conditions import CONDITIONS, EvaluationResult, Runner, write_items
 from ..evaluation.evidence import behavioural_evidence
 from ..evaluation.report import (
     behavioural_null_table,
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             f"selected on held-out: rank {s.rank}, alpha {s.alpha:g}, N {s.n} "
             f"(held-out UNLOCK accuracy {s.heldout})"
         )
-    result.write_items(out / "items.jsonl")
+    write_items(result.conditions.values(), out / "items.jsonl")
     write_json(payload, out / "report.json")
     table = condition_table(result) + extra
     (out / "report.md").write_text(table + "\n")

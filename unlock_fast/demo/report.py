@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..evaluation.conditions import write_items
 from ..evaluation.evidence import CorrespondenceEvidence, Evidence, SubsetEvidence
 from ..evaluation.report import (
     alignment_table,
@@ -115,7 +116,7 @@ def write_report(result: DemoResult, run: Any, out: Path) -> dict[str, Path]:
     """Tables, per-item outputs and artifacts first, plots last."""
     out.mkdir(parents=True, exist_ok=True)
     files = {
-        "items": result.evaluation.write_items(out / "items.jsonl"),
+        "items": write_items(result.evaluation.conditions.values(), out / "items.jsonl"),
         "json": write_json(_payload(result), out / "report.json"),
         "markdown": write_markdown(result, out),
     }

@@ -188,9 +188,6 @@ class EvaluationResult:
             "step_comparisons": self.comparisons("shows_steps"),
         }
 
-    def write_items(self, path: str | os.PathLike[str]) -> Path:
-        return write_items(self.conditions.values(), path)
-
 
 def write_items(conditions: Iterable[ConditionResult], path: str | os.PathLike[str]) -> Path:
     """One JSON line per item of each condition."""
@@ -244,6 +241,7 @@ class Runner:
         order = sorted(range(len(prompts)), key=lambda i: lengths[i])
         eos = model.generation_config.eos_token_id
         stops = {*(eos if isinstance(eos, list) else [eos]), tok.pad_token_id}
+        device = next(model.parameters()).device
         gen = dict(
             max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
         )
@@ -255,10 +253,7 @@ class Runner:
             enc = tok(
                 [prompts[i] for i in idx], return_tensors="pt", padding=True, padding_side="left"
             )
-            enc = {
-                k: enc[k].to(next(model.parameters()).device)
-                for k in ("input_ids", "attention_mask")
-            }
+            enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
             width = enc["input_ids"].shape[1]
             stop = [_StopOnText(tok, width, self.stop_strings)] if self.stop_strings else []
             hooks = steer(model, key, **steering) if key is not None else contextlib.nullcontext()
