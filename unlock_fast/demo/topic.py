@@ -11,6 +11,7 @@ ceiling. Rank and alpha are chosen on held-out items only.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -160,6 +161,7 @@ class TopicChoice:
     random: list[TopicCondition] = field(default_factory=list)
     null_contrast: list[TopicCondition] = field(default_factory=list)
     cosine: RepresentationalNull | None = None
+    steering_key: SteeringKey | None = None  # the transferred key itself (not in to_dict)
 
     @property
     def p_random(self) -> float:
@@ -354,9 +356,9 @@ def run_topic(
                     source.model, source.tokenizer, target.model, target.tokenizer,
                     texts[part], **kw,
                 )  # fmt: skip
-        merged = parts[names[0]]
+        merged = copy.deepcopy(parts[names[0]])  # merge() adds in place
         for part in names[1:]:
-            merged = merged.merge(parts[part])
+            merged.merge(parts[part])
         return merged
 
     own_key = own.as_key()
@@ -395,6 +397,7 @@ def run_topic(
             rank, alpha, table = _choose(gen, splits["heldout"], spec, null, cfg.alphas)
         alignment, key = candidates[rank], keys[rank]
         choice = TopicChoice(data, alignment.num_rows, rank, alignment.k, alpha, table)
+        choice.steering_key = key
         result.choices[data] = choice
         lap(f"{data}: alignment and selection")
         choice.key = _generate(gen, splits["test"], spec, f"key[{data}]", "key", key, alpha, data)
