@@ -91,6 +91,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "held-out split (shows-steps rate)",
     )
     p.add_argument(
+        "--no-topic",
+        action="store_true",
+        help="skip the topic part (a topic direction moved from Source to Target)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help=f"reduced size for CI: {q.n_train} train, {q.n_heldout} held-out, {q.n_test} "
@@ -108,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     if args.alphas:
         chosen["alphas"] = tuple(args.alphas)
     chosen.update({k: True for k in _FLAGS if getattr(args, k)})
+    if args.no_topic:
+        chosen["topic"] = False
     cfg = replace(
         QUICK if args.quick else DEFAULTS,
         source=args.source,
