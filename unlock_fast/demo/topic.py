@@ -53,17 +53,19 @@ class TopicConfig:
 
     topic: str = "ocean"
     n_train: int = 64
-    n_heldout: int = 32
+    n_heldout: int = 0
     n_test: int = 48
-    alignment_data: tuple[str, ...] = ("locked+unlocked",)
-    corpus_size: int = 1024
-    ranks: tuple[int, ...] = (32,)
+    # The evidence's choice (evidence/topic/): the map fitted on the locked prompts and a
+    # generic corpus, rank and alpha as the held-out selection chose them in both directions.
+    alignment_data: tuple[str, ...] = ("locked+corpus",)
+    corpus_size: int = 4096
+    ranks: tuple[int, ...] = (256,)
     alphas: tuple[float, ...] = (0.1,)
     select_random: int = 3
-    random_keys: int = 9
-    null_contrasts: int = 2
+    random_keys: int = 5
+    null_contrasts: int = 1
     num_random: int = 200  # random Source directions for the cosine band (no generation)
-    max_new_tokens: int = 16
+    max_new_tokens: int = 12
     batch_size: int = 64
     seed: int = 0
 
