@@ -58,7 +58,8 @@ class MomentsCore:
         ):
             raise ValueError(f"dim_y must be a positive int or None, got {dim_y!r}")
         self.dim_x, self.dim_y = dim_x, dim_y
-        self.device = torch.device(device)
+        # "cuda" names the current device: store it with its index, as tensors report it
+        self.device = torch.empty(0, device=device).device
         self.dtype = check_accumulate(dtype)
         self.row_limit = _check_row_limit(row_limit, dim_x, dim_y)
         self._buffer = RowBuffer(buffer_rows, self.device, self.dtype)
