@@ -20,6 +20,7 @@ from .artifacts import (
     SteeringKey,
     load_artifact,
 )
+from .corpus import generic_corpus, read_corpus, write_corpus
 from .direction import extract_direction
 from .ops import backends
 from .steering import SteeringHandle, steer
@@ -40,7 +41,10 @@ __all__ = [
     "collect_transfer",
     "extract_direction",
     "fit_alignment",
+    "generic_corpus",
     "load_artifact",
     "proportional_layer_map",
+    "read_corpus",
     "steer",
+    "write_corpus",
 ]
