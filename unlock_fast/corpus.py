@@ -31,6 +31,7 @@ from pathlib import Path
 
 __all__ = [
     "CORPUS_PACKAGES",
+    "GENERIC_SIZE",
     "available_sentences",
     "corpus_hash",
     "generic_corpus",
@@ -42,6 +43,8 @@ __all__ = [
 # Packages the core depends on, read (never imported) once the standard library runs out.
 CORPUS_PACKAGES = ("transformers", "torch", "numpy", "safetensors")
 MIN_WORDS, MAX_WORDS = 10, 40
+# Sentences of a generic corpus when no size is given (``unlock-fast corpus``, ``"generic"``).
+GENERIC_SIZE = 1024
 
 # Folders whose text is tests, demos or vendored code, not the library's own prose.
 _SKIP_DIRS = frozenset(
