@@ -25,6 +25,8 @@ from unlock_fast import (
 )
 from unlock_fast.artifacts.data import ALIGNMENT_DATA
 from unlock_fast.capture import iter_activations
+from unlock_fast.cli import demo as cli_demo
+from unlock_fast.cli import main
 from unlock_fast.corpus import corpus_hash
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -255,3 +257,121 @@ def test_old_artifacts_without_a_record_still_load(models, tmp_path):
     del meta["origin"]
     meta_file.write_text(json.dumps(meta))
     assert AlignmentStats.from_pretrained(tmp_path / "stats").origin == {}
+
+
+# ------------------------------------------------------------------ the command line
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, arch, tok, kw in [
+        ("src", "llama", bpe_tokenizer(), dict(hidden=32, layers=3)),
+        ("tgt", "gemma3", word_tokenizer(), dict(hidden=40, layers=4, seed=1)),
+    ]:
+        model = make_model(arch, len(tok), **kw)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out
+
+
+def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main([*argv, "--no-progress"])
+    return code, capsys.readouterr().err
+
+
+def meta_record(folder: Path) -> dict[str, object]:
+    return json.loads((folder / "unlock.json").read_text())["origin"]["alignment_data"]
+
+
+def test_cli_transfer_with_the_generic_corpus(saved, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = cli(
+        ["transfer", "-s", saved["src"], "-t", saved["tgt"], "-o", str(out), "-n", "4",
+         "--n-heldout", "2", "--rank", "2", "--batch-size", "3",
+         "--alignment-data", "locked+corpus", "--corpus", "generic", "--corpus-limit", "5"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    record = meta_record(out / "key")
+    assert record == meta_record(out / "alignment")
+    assert record["choice"] == "locked+corpus"
+    assert (record["locked"], record["corpus"], record["items"]) == (4, 5, 9)
+    assert record["corpus_source"] == "generic_corpus(n=5, seed=0)"
+    assert record["corpus_hash"] == corpus_hash(generic_corpus(5))
+
+
+@pytest.mark.parametrize("choice", ["corpus", "locked+unlocked"])
+def test_cli_align_with_a_corpus_file_or_the_unlocked_prompts(choice, saved, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt", CORPUS)
+    out = tmp_path / "alignment"
+    extra = ["--corpus", str(corpus)] if choice == "corpus" else []
+    code, err = cli(
+        ["align", "-s", saved["src"], "-t", saved["tgt"], "-o", str(out), "-n", "3",
+         "--n-heldout", "2", "--rank", "2", "--alignment-data", choice, *extra],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    record = meta_record(out)
+    assert record["choice"] == choice
+    if choice == "corpus":
+        assert (record["locked"], record["corpus"]) == (0, len(CORPUS))
+        assert record["corpus_source"] == str(corpus)
+    else:
+        assert (record["locked"], record["unlocked"], record["items"]) == (3, 3, 6)
+    # the held-out diagnostics stay on held-out problems, whatever the fit's rows
+    diagnostics = json.loads((out / "diagnostics.json").read_text())
+    assert diagnostics["num_rows"] == 2
+
+
+@pytest.mark.filterwarnings("ignore::unlock_fast.estimator.RankClampedWarning")
+def test_cli_evaluate_grid_with_alignment_data(saved, tmp_path, capsys):
+    rep = tmp_path / "grid"
+    code, err = cli(
+        ["evaluate", "-t", saved["tgt"], "-s", saved["src"], "--ranks", "2", "--alphas", "0.1",
+         "--ns", "2,3", "--n-train", "3", "--n-heldout", "2", "-n", "2",
+         "--max-new-tokens", "2", "--conditions", "unlock", "-o", str(rep),
+         "--alignment-data", "locked+unlocked"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert len(json.loads((rep / "report.json").read_text())["points"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["align", "--alignment-data", "corpus"], "needs --corpus FILE or --corpus generic"),
+        (["transfer", "--corpus", "generic"], "not locked"),
+        (["transfer", "--corpus-limit", "3"], "--corpus-limit needs --corpus"),
+        (["align", "--alignment-data", "corpus", "--corpus", "{tmp}/none.txt"], "no corpus file"),
+        (["evaluate", "--key", "k", "--alignment-data", "corpus", "--corpus", "generic"],
+         "a --key was fitted already"),
+        (["evaluate", "-s", "{src}", "--ns", "2,3", "--alignment-data", "corpus", "--corpus",
+          "generic"], "give one N"),
+    ],
+)  # fmt: skip
+def test_cli_alignment_data_mistakes(argv, message, saved, tmp_path, capsys):
+    models = ["-s", saved["src"], "-t", saved["tgt"], "-o", str(tmp_path / "o")]
+    if argv[0] == "evaluate":
+        models = ["-t", saved["tgt"], "-o", str(tmp_path / "o")]
+    argv = [a.format(tmp=tmp_path, src=saved["src"]) for a in argv]
+    code, err = cli([argv[0], *models, *argv[1:]], capsys)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_demo_passes_the_alignment_data(monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(cli_demo, "run_demo", lambda cfg, **_: seen.update(cfg=cfg))
+    argv = ["demo", "--quick", "--alignment-data", "locked+corpus", "--corpus", "generic"]
+    code, err = cli([*argv, "--corpus-limit", "7"], capsys)
+    assert code == 0, err
+    cfg = seen["cfg"]
+    assert (cfg.alignment_data, cfg.corpus, cfg.corpus_limit) == ("locked+corpus", "generic", 7)
+    code, err = cli(["demo", "--alignment-data", "corpus"], capsys)
+    assert code == 2
+    assert "needs --corpus" in err
