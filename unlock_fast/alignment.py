@@ -254,8 +254,8 @@ def collect_alignment_stats(
       unlocked prompts, so the map can learn the Source's contrast -> the Target's contrast:
       a ceiling and a diagnostic, not the paper's transfer, where the Target never sees
       the unlocked form.
-    - ``"corpus"``: the texts of ``corpus``, the same text for both models; ``prompts`` only
-      name the models' checks. ``corpus`` is a list of str, the path of a text or JSONL
+    - ``"corpus"``: the texts of ``corpus``, the same text for both models (``prompts`` are
+      checked, not run). ``corpus`` is a list of str, the path of a text or JSONL
       file (:func:`~unlock_fast.corpus.read_corpus`) or ``"generic"``
       (:func:`~unlock_fast.corpus.generic_corpus`); ``corpus_limit`` caps its texts. It is
       streamed ``CHUNK`` texts at a time.
