@@ -231,6 +231,12 @@ def test_the_record_survives_save_and_load(models, tmp_path):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="origin.alignment_data.choice"):
         Alignment.from_pretrained(tmp_path / "alignment")
+    meta_file = tmp_path / "key" / "unlock.json"
+    meta = json.loads(meta_file.read_text())
+    meta["origin"]["alignment_data"]["corpus"] = -1
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="origin.alignment_data.corpus"):
+        SteeringKey.from_pretrained(tmp_path / "key")
 
 
 def test_merging_statistics_keeps_the_record_honest(models):

@@ -52,7 +52,7 @@ class CorpusSource:
 def resolve_corpus(corpus: CorpusLike, limit: int | None = None) -> CorpusSource:
     """The corpus ``corpus`` names, at most ``limit`` texts of it: a list of texts, the path
     of a text or JSONL file (:func:`~unlock_fast.corpus.read_corpus`), or ``"generic"``:
-    ``generic_corpus(limit or GENERIC_SIZE)``."""
+    ``generic_corpus(limit or GENERIC_SIZE)`` (a file named so is ``Path("generic")``)."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"corpus_limit must be a positive int or None, got {limit!r}")
     if isinstance(corpus, str) and corpus == "generic":

@@ -71,7 +71,7 @@ class AlignmentStats:
             )
 
     def merge(self, other: AlignmentStats) -> AlignmentStats:
-        """Add ``other``'s rows to these statistics (in place); returns self."""
+        """Add ``other``'s rows (in place; other alignment data is refused); returns self."""
         self._check_compatible(other)
         self.origin = merge_origins(self.origin, other.origin)  # first: it may refuse
         self.moments = [_merged(a, b) for a, b in zip(self.moments, other.moments, strict=True)]
