@@ -70,6 +70,8 @@ _PARAGRAPHS = re.compile(r"\n[ \t]*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 # A word of prose: letters, an inner apostrophe or hyphen, then at most a comma or semicolon.
 _WORD = re.compile(r"[A-Za-z]+(?:['-][A-Za-z]+)*[,;]?")
+# Words that mark a note to programmers, not prose.
+_MARKERS = frozenset({"XXX", "TODO", "FIXME", "HACK", "NB"})
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'"})
 # A licence header is legal text, not prose: its blocks are left out whole.
 _LEGAL = re.compile(r"copyright|licen[cs]e|warrant", re.I)
@@ -88,6 +90,8 @@ def _looks_like_prose(sentence: str) -> bool:
         if not _WORD.fullmatch(word):
             return False
         letters = word.rstrip(",;")
+        if letters in _MARKERS:
+            return False
         if letters.islower():
             lower += 1
         elif not (letters.isupper() or letters[1:].islower()):
