@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .alignment import collect_alignment_stats, fit_alignment, proportional_layer_map
+from .alignment_data import ALIGNMENT_DATA
 from .artifacts import (
     Alignment,
     AlignmentReport,
@@ -20,12 +21,14 @@ from .artifacts import (
     SteeringKey,
     load_artifact,
 )
+from .corpus import generic_corpus, read_corpus, write_corpus
 from .direction import extract_direction
 from .ops import backends
 from .steering import SteeringHandle, steer
 from .transfer import collect_transfer
 
 __all__ = [
+    "ALIGNMENT_DATA",
     "Alignment",
     "AlignmentReport",
     "AlignmentStats",
@@ -40,7 +43,10 @@ __all__ = [
     "collect_transfer",
     "extract_direction",
     "fit_alignment",
+    "generic_corpus",
     "load_artifact",
     "proportional_layer_map",
+    "read_corpus",
     "steer",
+    "write_corpus",
 ]

@@ -5,6 +5,7 @@
     unlock-fast generate -m TGT --key keys/key --prompt "..."
     unlock-fast evaluate -t TGT --key keys/key --dataset builtin
     unlock-fast lm-eval --model-args pretrained=TGT,key=keys/key --tasks gsm8k
+    unlock-fast corpus -o corpus.txt -n 4096   # alignment data with no topic
 
 Models are hub ids, local folders, ``.gguf`` files, or the shipped names ``gemma-3-270m``
 and ``smollm2-135m-instruct``. A user mistake prints one line and exits with status 2.
@@ -18,14 +19,25 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import align, demo, evaluate, export, extract, generate, lm_eval, serve, transfer
+from . import (
+    align,
+    corpus,
+    demo,
+    evaluate,
+    export,
+    extract,
+    generate,
+    lm_eval,
+    serve,
+    transfer,
+)
 from .common import OneLineParser, UsageError, run_command
 from .options import EPILOG_MODELS
 
 __all__ = ["UsageError", "build_parser", "main"]
 
 # In the order of ``unlock-fast --help``.
-_COMMANDS = (demo, extract, align, transfer, generate, evaluate, lm_eval, export, serve)
+_COMMANDS = (demo, extract, align, transfer, generate, evaluate, lm_eval, export, serve, corpus)
 
 
 def build_parser() -> argparse.ArgumentParser:
