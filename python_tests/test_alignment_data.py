@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_numerics import per_sample_map
-from tiny_models import PROMPTS, bpe_tokenizer, make_model, word_tokenizer
+from tiny_models import PROMPTS, bpe_tokenizer, make_model, save_pair, word_tokenizer
 
 import unlock_fast.alignment_data as alignment_data
 from unlock_fast import (
@@ -270,17 +270,7 @@ def test_old_artifacts_without_a_record_still_load(models, tmp_path):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for name, arch, tok, kw in [
-        ("src", "llama", bpe_tokenizer(), dict(hidden=32, layers=3)),
-        ("tgt", "gemma3", word_tokenizer(), dict(hidden=40, layers=4, seed=1)),
-    ]:
-        model = make_model(arch, len(tok), **kw)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        out[name] = str(root / name)
-    return out
+    return save_pair(tmp_path_factory.mktemp("models"))
 
 
 def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
