@@ -50,7 +50,7 @@ CORPUS = [f"{s} {w}" for w in ("one", "two", "the cat") for s in SENTENCES][:12]
 def result(sweep_module, pair):
     behaviours = [_behaviour(sweep_module, "a", 0), _behaviour(sweep_module, "b", 4)]
     return sweep_module.sweep(
-        *pair, behaviours, CORPUS, sizes=[5, 12], ranks=[2, 8], num_random=20, batch_size=4,
+        *pair, behaviours, CORPUS, sizes=[5, 12], ranks=[2, 8], num_random=20, batch_size=8,
         log=lambda _: None,
     )  # fmt: skip
 
@@ -92,7 +92,7 @@ def test_merged_statistics_match_one_pass(result):
 def test_a_size_past_the_budget_is_cut(sweep_module, pair):
     out = sweep_module.sweep(
         *pair, [_behaviour(sweep_module, "a", 0)], CORPUS, sizes=[3, 12], ranks=[2],
-        num_random=5, batch_size=4, budget_s=1e-3, log=lambda _: None,
+        num_random=5, batch_size=8, budget_s=1e-3, log=lambda _: None,
     )  # fmt: skip
     # The first size sets the rate; the second would pass the budget.
     assert out["cut"] == [12]
