@@ -244,13 +244,8 @@ def sweep(
         if part.num_rows != len(chunk):
             raise RuntimeError(f"a chunk of {len(chunk)} texts gave {part.num_rows} rows")
         prefix = corpus[:n]
-        # Each chunk's record names its own texts; the merged statistics get the prefix's.
-        part.origin.pop("alignment_data", None)
-        if stats is None:
-            stats = part
-        else:
-            stats.origin.pop("alignment_data", None)
-            stats.merge(part)
+        stats = part if stats is None else stats.merge(part)
+        # the merged record names each chunk; the prefix's own hash matches a one-pass run
         stats.origin["alignment_data"] = data_record(
             "corpus",
             corpus=n,

@@ -252,6 +252,22 @@ def test_merging_statistics_keeps_the_record_honest(models):
     with pytest.raises(ValueError, match="different alignment data"):
         merged.merge(c)
     assert merged.num_prompts == len(LOCKED)  # refused before anything changed
+    # a corpus streamed in two parts merges, and the record names both parts
+    kw = dict(alignment_data="corpus", progress=False)
+    parts = [collect_alignment_stats(*models, LOCKED, corpus=CORPUS[:3], **kw),
+             collect_alignment_stats(*models, LOCKED, corpus=CORPUS[3:], **kw)]  # fmt: skip
+    whole = collect_alignment_stats(*models, LOCKED, corpus=CORPUS, **kw)
+    halves = [p.origin["alignment_data"]["corpus_hash"] for p in parts]
+    joined = parts[0].merge(parts[1])
+    record = joined.origin["alignment_data"]
+    assert record["corpus"] == record["items"] == len(CORPUS) == joined.num_rows
+    assert record["corpus_hash"] == "+".join(halves)
+    for m, w in zip(joined.moments, whole.moments, strict=True):
+        torch.testing.assert_close(m.gram("xy"), w.gram("xy"), rtol=1e-9, atol=1e-9)
+    # the same corpus twice would count its rows twice
+    with pytest.raises(ValueError, match="count its rows twice"):
+        whole.merge(collect_alignment_stats(*models, LOCKED, corpus=CORPUS, **kw))
+    assert whole.num_rows == len(CORPUS)
 
 
 def test_old_artifacts_without_a_record_still_load(models, tmp_path):

@@ -80,21 +80,29 @@ def read_origin(meta: Meta, key: str = "origin") -> dict[str, object]:
 
 def merge_origins(a: Mapping[str, object], b: Mapping[str, object]) -> dict[str, object]:
     """The origin of statistics made by merging two: ``a``'s, with the item counts of the
-    two ``alignment_data`` records summed. Records of different choices or corpora are
-    refused; when one side has no record, the merged statistics have none (their data is
-    not known)."""
+    two ``alignment_data`` records summed. Different choices are refused, and so is one
+    corpus merged with itself (its rows would count twice); two parts of a corpus give a
+    record naming both ("A + B" and both hashes). When one side has no record, the merged
+    statistics have none (their data is not known)."""
     out = dict(a)
     da, db = a.get("alignment_data"), b.get("alignment_data")
     if not isinstance(da, Mapping) or not isinstance(db, Mapping):
         out.pop("alignment_data", None)
         return out
-    same = ("choice", "corpus_source", "corpus_hash")
-    if any(da.get(k) != db.get(k) for k in same):
+    if da.get("choice") != db.get("choice"):
         raise ValueError(
             "these statistics were fitted on different alignment data and cannot be merged: "
             f"{_describe(da)} and {_describe(db)}"
         )
     merged = dict(da)
+    sources = [(d.get("corpus_source"), d.get("corpus_hash")) for d in (da, db)]
+    if sources[0][0] is not None and sources[0] == sources[1]:
+        raise ValueError(f"both statistics hold the corpus {_describe(da)}: merging them would "
+                         "count its rows twice")  # fmt: skip
+    if sources[0][0] is not None and sources[1][0] is not None:
+        names = dict.fromkeys(str(s) for s, _ in sources)
+        merged["corpus_source"] = " + ".join(names)
+        merged["corpus_hash"] = "+".join(str(h) for _, h in sources)
     for name in _COUNTS:
         x, y = da.get(name, 0), db.get(name, 0)
         merged[name] = (x if isinstance(x, int) else 0) + (y if isinstance(y, int) else 0)
