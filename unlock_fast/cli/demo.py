@@ -99,6 +99,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "held-out split (shows-steps rate)",
     )
     p.add_argument(
+        "--no-topic",
+        action="store_true",
+        help="skip the topic part (a topic direction moved from Source to Target)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help=f"reduced size for CI: {q.n_train} train, {q.n_heldout} held-out, {q.n_test} "
@@ -118,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         chosen["alphas"] = tuple(args.alphas)
     chosen.update({k: True for k in _FLAGS if getattr(args, k)})
     chosen.update(alignment_data(args))
+    if args.no_topic:
+        chosen["topic"] = False
     cfg = replace(
         QUICK if args.quick else DEFAULTS,
         source=args.source,

@@ -6,6 +6,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .topic import TopicConfig
+
 __all__ = ["DEFAULTS", "QUICK", "DemoConfig", "DemoResult"]
 
 
@@ -41,13 +43,19 @@ class DemoConfig:
     alignment_data: str = "locked"
     corpus: str | None = None
     corpus_limit: int | None = None
+    topic: bool = True  # also the topic part (demo/topic.py)
+    topic_config: TopicConfig = TopicConfig()
 
 
 DEFAULTS = DemoConfig()
 # Reduced size for CI (2 cores): same pipeline, fewer items and tokens.
 QUICK = replace(
-    DEFAULTS, n_train=16, n_heldout=8, n_test=8, max_new_tokens=16, rank=8, sweep_ranks=(1, 2, 4, 8)
-)
+    DEFAULTS, n_train=16, n_heldout=8, n_test=8, max_new_tokens=16, rank=8,
+    sweep_ranks=(1, 2, 4, 8), topic_config=replace(
+        DEFAULTS.topic_config, n_train=16, n_heldout=0, n_test=8, corpus_size=64, ranks=(8,),
+        random_keys=2, null_contrasts=1, max_new_tokens=8,
+    ),
+)  # fmt: skip
 
 
 @dataclass
@@ -62,3 +70,4 @@ class DemoResult:
     timings: dict[str, float]
     files: dict[str, Path]
     evidence: Any = None
+    topic: Any = None  # TopicResult when the topic part ran

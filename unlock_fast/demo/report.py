@@ -27,6 +27,7 @@ from .plots import (
     plot_layer_correspondence,
     plot_r2_vs_rank,
 )
+from .topic_report import plot_topic_rates, topic_markdown, write_topic_items
 
 __all__ = ["write_markdown", "write_report"]
 
@@ -146,6 +147,9 @@ def write_report(result: DemoResult, run: Any, out: Path) -> dict[str, Path]:
         files["plot_layers"] = plot_layer_correspondence(
             ev.correspondence.correspondence, out / "layer_correspondence.png"
         )
+    if result.topic is not None:
+        files["topic_items"] = write_topic_items(result.topic, out / "topic_items.jsonl")
+        files["plot_topic"] = plot_topic_rates(result.topic, out / "topic_rates.png")
     return files
 
 
@@ -158,6 +162,7 @@ def _payload(result: DemoResult) -> dict[str, Any]:
         "evaluation": result.evaluation.to_dict(),
         "alpha_curves": result.alpha_curves,
         "evidence": result.evidence.to_dict(),
+        "topic": None if result.topic is None else result.topic.to_dict(),
         "timings_s": result.timings,
     }
 
@@ -209,6 +214,9 @@ def write_markdown(result: DemoResult, out: Path) -> Path:
         + (", null_items.jsonl" if result.evidence.null_conditions else "")
         + ". Artifacts: artifacts/{direction,alignment,key}.",
     ]
+    if result.topic is not None:
+        lines += ["", topic_markdown(result.topic).rstrip()]
+        lines += ["", "Topic plot: topic_rates.png; its per-item outputs: topic_items.jsonl."]
     if result.timings:
         t = result.timings
         threads = torch.get_num_threads()

@@ -32,6 +32,7 @@ from ..evaluation.selection import (
 from ..loading import load_model
 from .config import DEFAULTS, DemoConfig, DemoResult
 from .report import write_markdown, write_report
+from .topic import run_topic
 
 __all__ = ["run_demo"]
 
@@ -159,6 +160,13 @@ def run_demo(
         clock.lap("layer subset")
     if curves is None:
         curves = alpha_curves([(alpha, evaluation)])
+    topic = None
+    if cfg.topic:
+        _say(progress, "[demo] topic transfer (demo/topic.py)")
+        topic = run_topic(
+            source, target, cfg.topic_config, source_name=cfg.source, target_name=cfg.target
+        )
+        clock.lap("topic")
 
     result = DemoResult(
         config=cfg,
@@ -169,6 +177,7 @@ def run_demo(
         timings={},
         files={},
         evidence=evidence,
+        topic=topic,
     )
     result.files = write_report(result, run, out_dir)
     clock.lap("report")
