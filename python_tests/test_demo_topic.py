@@ -14,9 +14,7 @@ from tiny_models import bpe_tokenizer, make_model, word_tokenizer
 from unlock_fast import SteeringKey, collect_alignment_stats, steer
 from unlock_fast.demo import QUICK, run_demo
 from unlock_fast.demo.topic import (
-    ALIGNMENT_DATA,
     TopicConfig,
-    alignment_rows,
     mapped_random_keys,
     run_topic,
 )
@@ -135,17 +133,6 @@ def test_config_refuses_bad_settings(change: dict, match: str) -> None:
         TopicConfig(**change)
 
 
-def test_alignment_rows_follow_the_choice() -> None:
-    lo, un, co = ["l1", "l2"], ["u1", "u2"], ["c1"]
-    assert alignment_rows("locked", lo, un, co) == lo
-    assert alignment_rows("locked+unlocked", lo, un, co) == lo + un
-    assert alignment_rows("corpus", lo, un, co) == co
-    assert alignment_rows("locked+corpus", lo, un, co) == lo + co
-    with pytest.raises(ValueError, match="alignment data"):
-        alignment_rows("unlocked", lo, un, co)
-    assert set(ALIGNMENT_DATA) == {"locked", "locked+unlocked", "corpus", "locked+corpus"}
-
-
 def _pair() -> tuple[Runner, Runner]:
     st, tt = bpe_tokenizer(), word_tokenizer()
     sm = make_model("llama", len(st), hidden=32, layers=3)
@@ -216,6 +203,9 @@ def test_the_topic_part_runs_end_to_end_on_tiny_models() -> None:
     ch = result.choices["locked+corpus"]
     assert ch.steering_key is not None
     assert ch.steering_key.origin["k"] == ch.k
+    record = ch.steering_key.origin["alignment_data"]
+    assert record["choice"] == "locked+corpus"
+    assert record["locked"] + record["corpus"] == record["items"] == result.corpus_rows + 6
     for cond, key in ((result.unsteered, None), (ch.key, ch.steering_key)):
         enc = tok([it.prompt for it in cond.items], return_tensors="pt", padding=True,
                   padding_side="left")  # fmt: skip
