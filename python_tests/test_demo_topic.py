@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import bpe_tokenizer, make_model, word_tokenizer
+from tiny_models import bpe_tokenizer, make_model, save_pair, word_tokenizer
 
 from unlock_fast import SteeringKey, collect_alignment_stats, steer
 from unlock_fast.demo import QUICK, run_demo
@@ -221,15 +221,9 @@ def test_the_topic_part_runs_end_to_end_on_tiny_models() -> None:
 
 
 def test_topic_cli_writes_its_report(tmp_path: Path) -> None:
-    dirs = {}
-    for name, arch, tok, kw in [
-        ("src", "llama", bpe_tokenizer(), dict(hidden=32, layers=3)),
-        ("tgt", "qwen2", word_tokenizer(), dict(hidden=48, layers=5, seed=2)),
-    ]:
-        model = make_model(arch, len(tok), **kw)
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-        dirs[name] = str(tmp_path / name)
+    dirs = save_pair(
+        tmp_path, target_arch="qwen2", target_hidden=48, target_layers=5, target_seed=2
+    )
     out = tmp_path / "report"
     argv = [
         "--out", str(out), "--source", dirs["src"], "--target", dirs["tgt"], "--n-train", "6",
@@ -257,15 +251,9 @@ def test_topic_cli_refuses_bad_alignment_data(tmp_path: Path) -> None:
 
 
 def test_the_demo_writes_the_topic_part_into_its_report(tmp_path: Path) -> None:
-    dirs = {}
-    for name, arch, tok, kw in [
-        ("src", "llama", bpe_tokenizer(), dict(hidden=32, layers=3)),
-        ("tgt", "qwen2", word_tokenizer(), dict(hidden=48, layers=5, seed=2)),
-    ]:
-        model = make_model(arch, len(tok), **kw)
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-        dirs[name] = str(tmp_path / name)
+    dirs = save_pair(
+        tmp_path, target_arch="qwen2", target_hidden=48, target_layers=5, target_seed=2
+    )
     topic = replace(QUICK.topic_config, n_train=6, n_test=3, max_new_tokens=2, ranks=(4,),
                     num_random=10)  # fmt: skip
     cfg = replace(

@@ -38,7 +38,7 @@ from ..evaluation.null_keys import (
 from .topic_items import TOPICS, TopicItem, TopicSpec, first_line, prompts, topic_splits
 
 __all__ = [
-    "ALIGNMENT_DATA", "TopicChoice", "TopicCondition", "TopicConfig", "TopicOutput",
+    "TopicChoice", "TopicCondition", "TopicConfig", "TopicOutput",
     "TopicResult", "mapped_random_keys", "run_topic"
 ]  # fmt: skip
 
