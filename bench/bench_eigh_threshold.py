@@ -120,8 +120,15 @@ def main() -> None:
                 fns["torch_eigh"] = lambda g=gram, k=k: torch.linalg.eigh(g)[1][:, -k:]
             err_dense = eig_error(fns["dense"]()[0], ref[:k])
             err_rand = eig_error(fns["randomized"]()[0], ref[:k])
-            if err_dense > 1e-3:
-                raise AssertionError(f"dense top-{k} of d={d}: eigenvalue error {err_dense:.2e}")
+            # A dense symmetric solver is backward stable: |Δλ| ≤ c·eps·λ_1 for every
+            # eigenvalue, which is all the relative error of the small ones can rest on
+            # (cuSOLVER's fp32 syevd: 4e-3 relative at d = 512, k = 256, and 5e-7 of λ_1).
+            values = fns["dense"]()[0].double().cpu()
+            normwise = ((values - ref[:k]).abs().max() / ref[0]).item()
+            if normwise > 100 * torch.finfo(gram.dtype).eps:
+                raise AssertionError(
+                    f"dense top-{k} of d={d}: eigenvalue error {normwise:.2e} of λ_1"
+                )
             times = interleaved(fns, dev, repeats=args.repeats, warmup=args.warmup)
             l_ = min(k + os_, d)
             rows.append(

@@ -6,24 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_models import bpe_tokenizer, make_model, word_tokenizer
+from tiny_models import save_pair
 
 from unlock_fast.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for name, arch, tok, kw in [
-        ("src", "llama", bpe_tokenizer(), dict(hidden=32, layers=3)),
-        ("tgt", "gemma3", word_tokenizer(), dict(hidden=40, layers=4, seed=1)),
-    ]:
-        model = make_model(arch, len(tok), **kw)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        out[name] = str(root / name)
-    return out
+    return save_pair(tmp_path_factory.mktemp("models"))
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -40,6 +40,7 @@ def test_sentences_look_like_prose(big: list[str]) -> None:
         assert not re.search(r"\d", s), s
         assert " ".join(s.split()) == s, s
         assert not re.search(r"\b[a-z]+[A-Z]", s), s  # camelCase: an identifier
+        assert not re.search(r"\b(XXX|TODO|FIXME)\b", s), s  # notes to programmers
         words = s[:-1].split()
         assert all(re.fullmatch(r"[A-Za-z]+(['-][A-Za-z]+)*[,;]?", w) for w in words), s
 

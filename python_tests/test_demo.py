@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import bpe_tokenizer, make_model, word_tokenizer
+from tiny_models import save_pair
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unlock_fast import SteeringKey, steer
@@ -75,15 +75,9 @@ def _check_outputs(result: DemoResult, out: Path, model: torch.nn.Module, tok: o
 
 
 def test_demo_plumbing_on_tiny_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    dirs = {}
-    for name, arch, tok, kw in [
-        ("src", "llama", bpe_tokenizer(), dict(hidden=32, layers=3)),
-        ("tgt", "qwen2", word_tokenizer(), dict(hidden=48, layers=5, seed=2)),
-    ]:
-        model = make_model(arch, len(tok), **kw)
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-        dirs[name] = str(tmp_path / name)
+    dirs = save_pair(
+        tmp_path, target_arch="qwen2", target_hidden=48, target_layers=5, target_seed=2
+    )
     cfg = replace(
         QUICK,
         source=dirs["src"],

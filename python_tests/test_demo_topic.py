@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import bpe_tokenizer, make_model, word_tokenizer
+from tiny_models import bpe_tokenizer, make_model, save_pair, word_tokenizer
 
 from unlock_fast import SteeringKey, collect_alignment_stats, steer
 from unlock_fast.demo import QUICK, run_demo
 from unlock_fast.demo.topic import (
-    ALIGNMENT_DATA,
     TopicConfig,
-    alignment_rows,
     mapped_random_keys,
     run_topic,
 )
@@ -136,17 +134,6 @@ def test_config_refuses_bad_settings(change: dict, match: str) -> None:
         TopicConfig(**change)
 
 
-def test_alignment_rows_follow_the_choice() -> None:
-    lo, un, co = ["l1", "l2"], ["u1", "u2"], ["c1"]
-    assert alignment_rows("locked", lo, un, co) == lo
-    assert alignment_rows("locked+unlocked", lo, un, co) == lo + un
-    assert alignment_rows("corpus", lo, un, co) == co
-    assert alignment_rows("locked+corpus", lo, un, co) == lo + co
-    with pytest.raises(ValueError, match="alignment data"):
-        alignment_rows("unlocked", lo, un, co)
-    assert set(ALIGNMENT_DATA) == {"locked", "locked+unlocked", "corpus", "locked+corpus"}
-
-
 def _pair() -> tuple[Runner, Runner]:
     st, tt = bpe_tokenizer(), word_tokenizer()
     sm = make_model("llama", len(st), hidden=32, layers=3)
@@ -220,6 +207,9 @@ def test_the_topic_part_runs_end_to_end_on_tiny_models() -> None:
     ch = result.choices["locked+corpus"]
     assert ch.steering_key is not None
     assert ch.steering_key.origin["k"] == ch.k
+    record = ch.steering_key.origin["alignment_data"]
+    assert record["choice"] == "locked+corpus"
+    assert record["locked"] + record["corpus"] == record["items"] == result.corpus_rows + 6
     for cond, key in ((result.unsteered, None), (ch.key, ch.steering_key)):
         enc = tok([it.prompt for it in cond.items], return_tensors="pt", padding=True,
                   padding_side="left")  # fmt: skip
@@ -235,15 +225,9 @@ def test_the_topic_part_runs_end_to_end_on_tiny_models() -> None:
 
 
 def test_topic_cli_writes_its_report(tmp_path: Path) -> None:
-    dirs = {}
-    for name, arch, tok, kw in [
-        ("src", "llama", bpe_tokenizer(), dict(hidden=32, layers=3)),
-        ("tgt", "qwen2", word_tokenizer(), dict(hidden=48, layers=5, seed=2)),
-    ]:
-        model = make_model(arch, len(tok), **kw)
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-        dirs[name] = str(tmp_path / name)
+    dirs = save_pair(
+        tmp_path, target_arch="qwen2", target_hidden=48, target_layers=5, target_seed=2
+    )
     out = tmp_path / "report"
     argv = [
         "--out", str(out), "--source", dirs["src"], "--target", dirs["tgt"], "--n-train", "6",
@@ -273,15 +257,9 @@ def test_topic_cli_refuses_bad_alignment_data(tmp_path: Path) -> None:
 
 
 def test_the_demo_writes_the_topic_part_into_its_report(tmp_path: Path) -> None:
-    dirs = {}
-    for name, arch, tok, kw in [
-        ("src", "llama", bpe_tokenizer(), dict(hidden=32, layers=3)),
-        ("tgt", "qwen2", word_tokenizer(), dict(hidden=48, layers=5, seed=2)),
-    ]:
-        model = make_model(arch, len(tok), **kw)
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-        dirs[name] = str(tmp_path / name)
+    dirs = save_pair(
+        tmp_path, target_arch="qwen2", target_hidden=48, target_layers=5, target_seed=2
+    )
     topic = replace(QUICK.topic_config, n_train=6, n_test=3, max_new_tokens=2, ranks=(4,),
                     num_random=10)  # fmt: skip
     cfg = replace(

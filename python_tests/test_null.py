@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import bpe_tokenizer, make_model, word_tokenizer
+from tiny_models import make_model, save_pair, word_tokenizer
 
 from unlock_fast.artifacts import Alignment, AlignmentReport, Direction, ModelInfo, SteeringKey
 from unlock_fast.cli import main
@@ -341,17 +341,9 @@ def test_choices_on_heldout() -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for name, arch, tok, kw in [
-        ("src", "llama", bpe_tokenizer(), dict(hidden=32, layers=3)),
-        ("tgt", "qwen2", word_tokenizer(), dict(hidden=48, layers=4, seed=2)),
-    ]:
-        model = make_model(arch, len(tok), **kw)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        out[name] = str(root / name)
-    return out
+    return save_pair(
+        tmp_path_factory.mktemp("models"), target_arch="qwen2", target_hidden=48, target_seed=2
+    )
 
 
 def test_demo_reports_the_null_tests_and_where_to_steer(

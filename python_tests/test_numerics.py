@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import PROMPTS, bpe_tokenizer, make_model, word_tokenizer
+from tiny_models import PROMPTS, bpe_tokenizer, make_model, save_pair, word_tokenizer
 
 from unlock_fast import (
     Alignment,
@@ -410,17 +410,7 @@ def test_fit_alignment_passes_solver_settings(pair):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for name, arch, tok, kw in [
-        ("src", "llama", bpe_tokenizer(), {"hidden": 32, "layers": 3}),
-        ("tgt", "gemma3", word_tokenizer(), {"hidden": 40, "layers": 4, "seed": 1}),
-    ]:
-        model = make_model(arch, len(tok), **kw)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        out[name] = str(root / name)
-    return out
+    return save_pair(tmp_path_factory.mktemp("models"))
 
 
 def test_cli_passes_accumulation_and_sketch_settings(saved, tmp_path, capsys):

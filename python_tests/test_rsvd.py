@@ -415,7 +415,16 @@ def test_cuda_matches_cpu(dtype):
     gpu = ops.eigh_topk(a.cuda(), 16, seed=5)
     tol = TOL[dtype] * 1e4
     torch.testing.assert_close(gpu[0].cpu(), cpu[0], atol=tol, rtol=0)
-    torch.testing.assert_close(gpu[1].cpu(), cpu[1], atol=200 * TOL[dtype], rtol=0)
+    # An eigenvector is fixed only to about eps·λ_1 / (its gap to the nearest eigenvalue):
+    # with λ_1 = 1e3 and gaps of 1e-3 near k = 16, fp32 fixes only the first few vectors.
+    lam = spectrum("outlier", 300)[:17]
+    gaps = torch.minimum((lam[:-1] - lam[1:]), torch.cat([lam[:1], lam[:-2] - lam[1:-1]]))[:16]
+    allowed = torch.clamp(10 * torch.finfo(dtype).eps * lam[0] / gaps, min=200 * TOL[dtype])
+    # the sign rule picks the largest entry's sign: where two entries nearly tie, vectors this
+    # loosely fixed may come out with opposite signs
+    g, c = gpu[1].cpu().double(), cpu[1].double()
+    err = torch.minimum((g - c).norm(dim=0), (g + c).norm(dim=0))
+    assert (err <= allowed).all(), (err / allowed).max()
     m = matrix_with_singular_values(140, 70, torch.exp(-torch.arange(70.0).double() / 2))
     cpu = ops.svd_topk(m.to(dtype), 5, seed=5)
     gpu = ops.svd_topk(m.to(dtype).cuda(), 5, seed=5)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
@@ -134,3 +136,27 @@ def make_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     return model.eval()
+
+
+def save_pair(
+    root: os.PathLike[str] | str,
+    *,
+    target_arch: str = "gemma3",
+    target_hidden: int = 40,
+    target_layers: int = 4,
+    target_seed: int = 1,
+) -> dict[str, str]:
+    """A tiny Source (llama, BPE tokenizer) and Target (word tokenizer) saved with their
+    tokenizers under ``root``/src and ``root``/tgt, as the command line loads them."""
+    out = {}
+    for name, arch, tok, kw in [
+        ("src", "llama", bpe_tokenizer(), {"hidden": 32, "layers": 3}),
+        ("tgt", target_arch, word_tokenizer(), {
+            "hidden": target_hidden, "layers": target_layers, "seed": target_seed
+        }),
+    ]:  # fmt: skip
+        path = Path(root) / name
+        make_model(arch, len(tok), **kw).save_pretrained(path)
+        tok.save_pretrained(path)
+        out[name] = str(path)
+    return out

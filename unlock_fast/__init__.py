@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .alignment import collect_alignment_stats, fit_alignment, proportional_layer_map
+from .alignment_data import ALIGNMENT_DATA
 from .artifacts import (
     Alignment,
     AlignmentReport,
@@ -27,6 +28,7 @@ from .steering import SteeringHandle, steer
 from .transfer import collect_transfer
 
 __all__ = [
+    "ALIGNMENT_DATA",
     "Alignment",
     "AlignmentReport",
     "AlignmentStats",

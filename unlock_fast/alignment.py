@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from .alignment_data import CorpusLike, plan_data
 from .artifacts import Alignment, AlignmentStats, ModelInfo
 from .capture import CapturedBatch
-from .collect import Side, lockstep
+from .collect import Side
 from .estimator import check_fit_settings
 from .stats import Moments, check_accumulate
 
@@ -222,7 +223,12 @@ def collect_alignment_stats(
     target_tokenizer: Any,
     prompts: Sequence[str],
     *,
+    prompts_unlocked: Sequence[str] | None = None,
     target_prompts: Sequence[str] | None = None,
+    target_prompts_unlocked: Sequence[str] | None = None,
+    alignment_data: str = "locked",
+    corpus: CorpusLike | None = None,
+    corpus_limit: int | None = None,
     layer_map: LayerMap | None = None,
     token_level: bool = False,
     source_layer_path: str | None = None,
@@ -239,7 +245,25 @@ def collect_alignment_stats(
     """Stream paired Source/Target activations of ``prompts`` into Gram statistics.
 
     Each prompt goes through both models (``target_prompts`` gives the Target its own
-    rendering of the same items, e.g. its chat template). Rows are the last real prompt
+    rendering of the same items, e.g. its chat template). ``alignment_data`` chooses the
+    rows (:data:`~unlock_fast.alignment_data.ALIGNMENT_DATA`):
+
+    - ``"locked"`` (the paper): ``prompts``.
+    - ``"locked+unlocked"``: ``prompts`` and ``prompts_unlocked``, each through both models
+      (the Target reads ``target_prompts_unlocked`` when given). This runs the Target on the
+      unlocked prompts, so the map can learn the Source's contrast -> the Target's contrast:
+      a ceiling and a diagnostic, not the paper's transfer, where the Target never sees
+      the unlocked form.
+    - ``"corpus"``: the texts of ``corpus``, the same text for both models (``prompts`` are
+      checked, not run). ``corpus`` is a list of str, the path of a text or JSONL
+      file (:func:`~unlock_fast.corpus.read_corpus`) or ``"generic"``
+      (:func:`~unlock_fast.corpus.generic_corpus`); ``corpus_limit`` caps its texts. It is
+      streamed ``CHUNK`` texts at a time.
+    - ``"locked+corpus"``: ``prompts``, then the corpus.
+
+    A corpus with another choice, or a corpus choice without one, is a ValueError. The
+    choice, the items of each kind and the corpus's source and hash are recorded in the
+    result's ``origin["alignment_data"]``. Rows are the last real prompt
     token, or with ``token_level=True`` every real token (the two tokenizers must then
     tokenize identically). ``layer_map``: (source, target) pairs or {target: source};
     default proportional depth. ``distributed=True`` shards the prompts over the
@@ -267,10 +291,17 @@ def collect_alignment_stats(
         source_layer_path=source_layer_path,
         target_layer_path=target_layer_path,
     )
+    data = plan_data(
+        alignment_data,
+        corpus,
+        corpus_limit,
+        prompts,
+        prompts_unlocked,
+        target_prompts,
+        target_prompts_unlocked,
+    )
     acc = plan.accumulator(accumulate)
-    with lockstep(
-        [plan.source, plan.target],
-        desc="alignment",
+    kw: dict[str, Any] = dict(
         batch_size=batch_size,
         token_level=token_level,
         device=device,
@@ -279,10 +310,11 @@ def collect_alignment_stats(
         progress=progress,
         distributed=distributed,
         group=group,
-    ) as batches:
-        for a, b in batches:
-            acc.update(a, b)
+    )
+    data.run_prompts(plan.source, plan.target, acc.update, **kw)
+    record = data.run_corpus(plan.source, plan.target, acc.update, **kw)
     stats = acc.stats(device)
+    stats.origin["alignment_data"] = record
     if distributed:
         stats.all_reduce(group)
     return stats

@@ -31,6 +31,7 @@ from pathlib import Path
 
 __all__ = [
     "CORPUS_PACKAGES",
+    "GENERIC_SIZE",
     "available_sentences",
     "corpus_hash",
     "generic_corpus",
@@ -42,6 +43,8 @@ __all__ = [
 # Packages the core depends on, read (never imported) once the standard library runs out.
 CORPUS_PACKAGES = ("transformers", "torch", "numpy", "safetensors")
 MIN_WORDS, MAX_WORDS = 10, 40
+# Sentences of a generic corpus when no size is given (``unlock-fast corpus``, ``"generic"``).
+GENERIC_SIZE = 1024
 
 # Folders whose text is tests, demos or vendored code, not the library's own prose.
 _SKIP_DIRS = frozenset(
@@ -67,6 +70,8 @@ _PARAGRAPHS = re.compile(r"\n[ \t]*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 # A word of prose: letters, an inner apostrophe or hyphen, then at most a comma or semicolon.
 _WORD = re.compile(r"[A-Za-z]+(?:['-][A-Za-z]+)*[,;]?")
+# Words that mark a note to programmers, not prose.
+_MARKERS = frozenset({"XXX", "TODO", "FIXME", "HACK", "NB"})
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'"})
 # A licence header is legal text, not prose: its blocks are left out whole.
 _LEGAL = re.compile(r"copyright|licen[cs]e|warrant", re.I)
@@ -85,6 +90,8 @@ def _looks_like_prose(sentence: str) -> bool:
         if not _WORD.fullmatch(word):
             return False
         letters = word.rstrip(",;")
+        if letters in _MARKERS:
+            return False
         if letters.islower():
             lower += 1
         elif not (letters.isupper() or letters[1:].islower()):

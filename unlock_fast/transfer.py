@@ -3,12 +3,15 @@
 In the paper's chain-of-thought setting the direction contrasts the Source on the locked
 prompts ``p0`` with the Source on the unlocked prompts ``p1``, and the alignment pairs the
 Source on ``p0`` with the Target on ``p0``. :func:`collect_transfer` runs the three passes
-in lockstep, so each locked prompt goes through the Source once and feeds both.
+in lockstep, so each locked prompt goes through the Source once and feeds both. Other
+alignment data (:mod:`unlock_fast.alignment_data`) joins that pass (the unlocked prompts) or
+follows it (a corpus).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,6 +19,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from .alignment import LayerMap, plan_alignment
+from .alignment_data import CorpusLike, plan_data
 from .artifacts import AlignmentStats, Direction
 from .collect import Side, lockstep
 from .direction import DirectionAccumulator, finish_direction, plan_direction
@@ -33,6 +37,10 @@ def collect_transfer(
     prompts_unlocked: Sequence[str] | None = None,
     *,
     target_prompts: Sequence[str] | None = None,
+    target_prompts_unlocked: Sequence[str] | None = None,
+    alignment_data: str = "locked",
+    corpus: CorpusLike | None = None,
+    corpus_limit: int | None = None,
     unlocked_model: nn.Module | None = None,
     unlocked_tokenizer: Any = None,
     method: str = "mean",
@@ -55,6 +63,16 @@ def collect_transfer(
     ``collect_alignment_stats(source, ..., target, ..., prompts_locked,
     target_prompts=target_prompts, ...)``, with the Source's locked pass shared.
     ``target_prompts`` renders the same items for the Target (default: ``prompts_locked``).
+
+    ``alignment_data`` chooses the alignment's rows, as in
+    :func:`~unlock_fast.collect_alignment_stats`: the locked prompts (the paper), the locked
+    and the unlocked prompts, a ``corpus``, or the locked prompts and a corpus (streamed
+    after the shared pass). ``"locked+unlocked"`` runs the Target on the unlocked prompts
+    (``target_prompts_unlocked``, default ``prompts_unlocked``), so the map can learn the
+    Source's contrast -> the Target's contrast: a ceiling and a diagnostic, not the paper's
+    transfer. It needs a prompt contrast and is refused with ``unlocked_model`` (a model
+    contrast, where the Target has no unlocked form). With ``"corpus"`` the Target runs on
+    the corpus only. The choice is recorded in ``origin["alignment_data"]``.
     ``accumulate`` is the dtype of the alignment's sums (see
     :func:`~unlock_fast.collect_alignment_stats`). NaN or Inf in a captured row stops the
     pass with a ValueError naming the model, the layer and the prompts.
@@ -71,6 +89,16 @@ def collect_transfer(
         layers=None,
         layer_path=source_layer_path,
         unlocked_layer_path=unlocked_layer_path,
+    )
+    data = plan_data(
+        alignment_data,
+        corpus,
+        corpus_limit,
+        prompts_locked,
+        prompts_unlocked,
+        target_prompts,
+        target_prompts_unlocked,
+        model_contrast=unlocked_model is not None,
     )
     a = plan_alignment(
         source_model,
@@ -90,11 +118,13 @@ def collect_transfer(
         sorted(set(d.layers) | set(a.source.layers)),
         source_layer_path,
     )
+    n = len(d.locked.prompts)
+    # The Target's sides: the locked prompts unless the rows are the corpus only, and the
+    # unlocked prompts for "locked+unlocked" (the Source's unlocked pass is the direction's).
+    targets = [replace(a.target, prompts=p) for p in _chunks(data.target_prompts, n)]
     directions = DirectionAccumulator(d.layers, d.info.hidden_size, method)
     alignment = a.accumulator(accumulate)
-    with lockstep(
-        [locked, d.unlocked, a.target],
-        desc="direction + alignment",
+    kw: dict[str, Any] = dict(
         batch_size=batch_size,
         device=device,
         dtype=dtype,
@@ -102,12 +132,21 @@ def collect_transfer(
         progress=progress,
         distributed=distributed,
         group=group,
-    ) as batches:
-        for lo, hi, tgt in batches:
+    )
+    with lockstep([locked, d.unlocked, *targets], desc="direction + alignment", **kw) as batches:
+        for lo, hi, *tgt in batches:
             directions.update(lo.rows, hi.rows)
-            alignment.update(lo, tgt)
+            for src, t in zip((lo, hi), tgt, strict=False):
+                alignment.update(src, t)
+    record = data.run_corpus(a.source, a.target, alignment.update, **kw)
     stats = alignment.stats(device)
+    stats.origin["alignment_data"] = record
     if distributed:
         directions.all_reduce(group, torch.device(device) if device is not None else None)
         stats.all_reduce(group)
     return finish_direction(d, directions), stats
+
+
+def _chunks(prompts: list[str], n: int) -> list[list[str]]:
+    """``prompts`` cut into lists of ``n`` (the locked part, then the unlocked part)."""
+    return [prompts[i : i + n] for i in range(0, len(prompts), n)]

@@ -18,6 +18,7 @@ from torch.distributed import ProcessGroup
 from ..distributed import all_reduce_sum_
 from ..estimator import EIG_RTOL, Factors, fit_factors, heldout_errors
 from ..stats import Moments
+from .data import merge_origins, read_origin
 from .direction import Direction
 from .key import SteeringKey
 from .model_info import ModelInfo
@@ -34,7 +35,8 @@ class AlignmentStats:
     """Streaming statistics for the alignment: one paired Moments per (s, t) layer pair.
 
     moments[i] holds x = Source rows at layer layer_map[i][0] and y = Target rows at layer
-    layer_map[i][1]. Cheap to refit at any rank (:meth:`fit`, :meth:`fit_ranks`).
+    layer_map[i][1]. Cheap to refit at any rank (:meth:`fit`, :meth:`fit_ranks`). origin:
+    how the rows were chosen (``origin["alignment_data"]``, :mod:`.data`).
     """
 
     layer_map: list[tuple[int, int]]
@@ -43,6 +45,7 @@ class AlignmentStats:
     target: ModelInfo
     token_level: bool = False
     num_prompts: int = 0
+    origin: dict[str, object] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (
@@ -68,8 +71,9 @@ class AlignmentStats:
             )
 
     def merge(self, other: AlignmentStats) -> AlignmentStats:
-        """Add ``other``'s rows to these statistics (in place); returns self."""
+        """Add ``other``'s rows (in place; other alignment data is refused); returns self."""
         self._check_compatible(other)
+        self.origin = merge_origins(self.origin, other.origin)  # first: it may refuse
         self.moments = [_merged(a, b) for a, b in zip(self.moments, other.moments, strict=True)]
         self.num_prompts += other.num_prompts
         return self
@@ -150,6 +154,7 @@ class AlignmentStats:
                 token_level=self.token_level,
                 source_mean=f.source_mean,
                 target_mean=f.target_mean,
+                origin=dict(self.origin),
             )
             for r, f in factors.items()
         }
@@ -164,6 +169,7 @@ class AlignmentStats:
             "token_level": self.token_level,
             "num_prompts": self.num_prompts,
             "moments": states,
+            "origin": self.origin,
         }
         save_artifact(path, "alignment_stats", tensors, meta)
 
@@ -177,7 +183,7 @@ class AlignmentStats:
         layer_map = meta.layer_map("layer_map", source.num_layers, target.num_layers)
         token_level, num_prompts = meta.flag("token_level"), meta.integer("num_prompts", lo=0)
         moments = read_moments(art, len(layer_map), source.hidden_size, target.hidden_size)
-        return cls(layer_map, moments, source, target, token_level, num_prompts)
+        return cls(layer_map, moments, source, target, token_level, num_prompts, read_origin(meta))
 
 
 def _merged(a: Moments, b: Moments) -> Moments:
@@ -191,7 +197,8 @@ class Alignment:
 
     source_basis: [P, d_s, k], core: [P, k, k], target_basis: [P, d_t, k] (float32),
     eigenvalues: [P, k] (float64) of G_ss; source_mean [P, d_s] and target_mean [P, d_t]
-    for the centred variant. P = len(layer_map).
+    for the centred variant. P = len(layer_map). origin: what it was fitted on (as its
+    statistics').
     """
 
     layer_map: list[tuple[int, int]]
@@ -209,6 +216,7 @@ class Alignment:
     token_level: bool = False
     source_mean: torch.Tensor | None = None
     target_mean: torch.Tensor | None = None
+    origin: dict[str, object] = field(default_factory=dict)
     _index: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -287,14 +295,8 @@ class Alignment:
         return ((x @ self.source_basis[i]) @ self.core[i]) @ self.target_basis[i].T
 
     def _factors(self) -> Factors:
-        return Factors(
-            self.source_basis,
-            self.core,
-            self.target_basis,
-            self.eigenvalues,
-            self.source_mean if self.centered else None,
-            self.target_mean if self.centered else None,
-        )
+        means = (self.source_mean, self.target_mean) if self.centered else (None, None)
+        return Factors(self.source_basis, self.core, self.target_basis, self.eigenvalues, *means)
 
     def transfer(self, direction: Direction, *, check_fingerprint: bool = True) -> SteeringKey:
         """The transferred key r_t = v_s @ T for every aligned target layer."""
@@ -335,6 +337,7 @@ class Alignment:
                 "num_rows": self.num_rows,
                 "centered": self.centered,
                 "ridge": self.ridge,
+                **{k: v for k, v in self.origin.items() if k == "alignment_data"},
             },
         )
 
@@ -385,6 +388,7 @@ class Alignment:
             "centered": self.centered,
             "ridge": self.ridge,
             "token_level": self.token_level,
+            "origin": self.origin,
         }
         save_artifact(path, "alignment", tensors, meta)
 
@@ -432,15 +436,13 @@ class Alignment:
             token_level=meta.flag("token_level"),
             source_mean=t.get("source_mean"),
             target_mean=t.get("target_mean"),
+            origin=read_origin(meta),
         )
-        if source_model is not None:
-            out.source.check(
-                source_model, what="this alignment's Source", check_fingerprint=check_fingerprint
-            )
-        if target_model is not None:
-            out.target.check(
-                target_model, what="this alignment's Target", check_fingerprint=check_fingerprint
-            )
+        checks = {"Source": (source_model, source), "Target": (target_model, target)}
+        for role, (model, info) in checks.items():
+            if model is not None:
+                what, fp = f"this alignment's {role}", check_fingerprint
+                info.check(model, what=what, check_fingerprint=fp)
         return out
 
 

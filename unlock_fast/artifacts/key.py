@@ -10,6 +10,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from .data import read_origin
 from .model_info import ModelInfo
 from .schema import FLOAT_DTYPES, TensorSpec, check_finite, check_layers
 from .store import PathLike, StoredArtifact, open_artifact, register_kind, save_artifact
@@ -157,7 +158,7 @@ class SteeringKey:
         """Load a key; with ``model``, refuse it unless it was made for that model."""
         art = open_artifact(path, "steering_key")
         vectors, layers, info = read_vectors(art)
-        key = cls(vectors, layers, info, art.meta.mapping("origin"))
+        key = cls(vectors, layers, info, read_origin(art.meta))
         if model is not None:
             info.check(
                 model,

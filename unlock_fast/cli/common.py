@@ -24,6 +24,7 @@ from ..prompts import use_chat
 
 __all__ = [
     "Command",
+    "alignment_data",
     "OneLineParser",
     "USER_ERRORS",
     "UsageError",
@@ -131,11 +132,27 @@ def problems(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, list[
     return out
 
 
+def alignment_data(args: argparse.Namespace) -> dict[str, Any]:
+    """--alignment-data, --corpus and --corpus-limit as keywords of collect_transfer,
+    checked: a corpus choice needs --corpus and the other choices refuse one."""
+    choice, corpus, limit = args.alignment_data, args.corpus, args.corpus_limit
+    if "corpus" in choice and corpus is None:
+        raise UsageError(f"--alignment-data {choice} needs --corpus FILE or --corpus generic")
+    if "corpus" not in choice and corpus is not None:
+        raise UsageError(
+            f"--corpus is used by --alignment-data corpus or locked+corpus, not {choice}"
+        )
+    if limit is not None and corpus is None:
+        raise UsageError("--corpus-limit needs --corpus")
+    return {"alignment_data": choice, "corpus": corpus, "corpus_limit": limit}
+
+
 def fit_transfer(args: argparse.Namespace, *, with_direction: bool) -> TransferRun:
     """Load Source and Target and run the transfer experiment on the problems; without
     ``with_direction`` only the alignment (and its held-out diagnostics) is made."""
     if args.n_heldout < 0:
         raise UsageError(f"--n-heldout must be >= 0, got {args.n_heldout}")
+    data = alignment_data(args)
     smodel, stok = load(args, "source")
     tmodel, ttok = load(args, "target")
     sizes = {"train": args.n}
@@ -150,6 +167,7 @@ def fit_transfer(args: argparse.Namespace, *, with_direction: bool) -> TransferR
         method=getattr(args, "method", "mean"), centered=args.centered, ridge=args.ridge,
         with_direction=with_direction, accumulate=args.accumulate,
         solver=args.solver or "auto", oversample=args.oversample, n_iter=args.power_iters,
+        data=data,
     )  # fmt: skip
 
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..corpus import generic_corpus, write_corpus
+from ..corpus import GENERIC_SIZE, generic_corpus, write_corpus
 from .common import info
 from .options import add_command, positive_int
 
-__all__ = ["DEFAULT_SIZE", "add_parser", "run"]
-
-# Sentences in a generic corpus when no size is given (here and for --corpus generic).
-DEFAULT_SIZE = 1024
+__all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("-o", "--out", required=True, metavar="FILE", help="the file to write")
     p.add_argument(
-        "-n", type=positive_int, default=DEFAULT_SIZE, metavar="N", help="number of sentences"
+        "-n", type=positive_int, default=GENERIC_SIZE, metavar="N", help="number of sentences"
     )
     p.add_argument("--seed", type=int, default=0, help="which sentences, in which order")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")

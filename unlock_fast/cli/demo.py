@@ -8,7 +8,15 @@ from dataclasses import replace
 from typing import Any
 
 from ..demo import DEFAULTS, QUICK, run_demo
-from .options import add_command, add_runtime, float_list, nonnegative_int, positive_int
+from .common import alignment_data
+from .options import (
+    add_alignment_data,
+    add_command,
+    add_runtime,
+    float_list,
+    nonnegative_int,
+    positive_int,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -102,6 +110,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         f"test problems, rank {q.rank}, {q.max_new_tokens} new tokens; options given "
         "explicitly still win",
     )
+    add_alignment_data(p)
     add_runtime(p, batch_size=None)  # None: the demo configuration's batch size
     p.set_defaults(run=run)
 
@@ -113,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     if args.alphas:
         chosen["alphas"] = tuple(args.alphas)
     chosen.update({k: True for k in _FLAGS if getattr(args, k)})
+    chosen.update(alignment_data(args))
     if args.no_topic:
         chosen["topic"] = False
     cfg = replace(

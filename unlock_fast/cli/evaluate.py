@@ -18,8 +18,9 @@ from ..evaluation.report import (
     write_null_items,
 )
 from ..evaluation.selection import grid_search
-from .common import UsageError, chat_for, load, load_key, problems
+from .common import UsageError, alignment_data, chat_for, load, load_key, problems
 from .options import (
+    add_alignment_data,
     add_command,
     add_data,
     add_max_new_tokens,
@@ -90,6 +91,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="with --key: comma-separated key folders of null-contrast keys (directions from "
         "a shuffled contrast sent through the same alignment) to add to the null",
     )
+    add_alignment_data(p)  # for the grid search's alignments
     add_steering(p)
     add_max_new_tokens(p)
     add_output(p, "report folder", default="unlock-fast-eval")
@@ -112,6 +114,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             "give --key (evaluate a key) or --source (grid search), not both or neither"
         )
+    data = alignment_data(args)
+    if args.key is not None and (data["alignment_data"] != "locked" or args.corpus):
+        raise UsageError("--alignment-data and --corpus choose the grid search's alignment "
+                         "data (--source); a --key was fitted already")  # fmt: skip
+    ns = args.ns or [args.n_train]
+    if "corpus" in data["alignment_data"] and len(ns) > 1:
+        raise UsageError("a corpus enters the alignment once: give one N (--ns) with --corpus")
     out = Path(args.out)
     tmodel, ttok = load(args, "target")
     target = Runner(
@@ -140,11 +149,11 @@ def run(args: argparse.Namespace) -> int:
                 extra = _write_null(out, result, null, families)
     else:
         smodel, stok = load(args, "source")
-        ns = args.ns or [args.n_train]
         splits = problems(args, {"train": max(ns), "heldout": args.n_heldout, "test": args.n})
         grid = grid_search(
             (smodel, stok), target, splits, ranks=args.ranks, alphas=args.alphas, ns=ns,
             source_chat=chat_for(stok, args.source_chat), seed=args.seed, conditions=conditions,
+            data=data,
         )  # fmt: skip
         result = grid.test
         payload = grid.to_dict()

@@ -8,6 +8,8 @@ from typing import TypeVar
 
 import torch
 
+from ..artifacts.data import ALIGNMENT_DATA
+from ..corpus import GENERIC_SIZE
 from ..direction import METHODS
 from ..estimator import SOLVERS
 from ..steering import MODES
@@ -17,6 +19,7 @@ __all__ = [
     "EPILOG_MODELS",
     "HelpFormatter",
     "add_alignment",
+    "add_alignment_data",
     "add_command",
     "add_data",
     "add_fit",
@@ -226,6 +229,7 @@ def add_fit(
     if method:
         add_method(p, "direction aggregation")
     add_alignment(p)
+    add_alignment_data(p)
     add_output(p, out_help)
     add_data(p, 64, data_help)
     add_runtime(p)
@@ -296,6 +300,35 @@ def add_alignment(p: argparse.ArgumentParser) -> None:
         metavar="{float64,float32}",
         help="dtype of the alignment's Gram sums: float64 keeps the fit exact; float32 "
         "halves their memory",
+    )
+
+
+def add_alignment_data(p: argparse.ArgumentParser) -> None:
+    """--alignment-data, --corpus, --corpus-limit: the rows the alignment is fitted on."""
+    g = p.add_argument_group("alignment data")
+    g.add_argument(
+        "--alignment-data",
+        choices=ALIGNMENT_DATA,
+        default="locked",
+        help="the rows the alignment is fitted on: locked (the locked prompts, the paper), "
+        "locked+unlocked (also the unlocked prompts, through both models: the map can learn "
+        "the Source's contrast -> the Target's, a ceiling and a diagnostic, not the paper's "
+        "transfer), corpus (the texts of --corpus only), locked+corpus (both)",
+    )
+    g.add_argument(
+        "--corpus",
+        default=None,
+        metavar="FILE|generic",
+        help="the corpus of --alignment-data corpus or locked+corpus: a text file (one text a "
+        "line), a .jsonl file (field 'text'), or generic (plain prose made offline, as "
+        "unlock-fast corpus writes it)",
+    )
+    g.add_argument(
+        "--corpus-limit",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"use at most N texts of the corpus (generic: N sentences, default {GENERIC_SIZE})",
     )
 
 

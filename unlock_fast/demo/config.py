@@ -37,6 +37,12 @@ class DemoConfig:
     layer_subset: bool = False  # also steer only the layers with good held-out R²
     select_rank: bool = False  # rank with the best mean held-out R² of sweep_ranks
     select_alpha: bool = False  # alpha of alphas with the best held-out unlock - random steps
+    # The alignment's rows: "locked" (paper), "locked+unlocked" (the CoT part's direction is a
+    # prompt contrast, so the Target's CoT prompts can join: a ceiling), "corpus",
+    # "locked+corpus"; corpus: a text/JSONL file or "generic", corpus_limit: texts of it.
+    alignment_data: str = "locked"
+    corpus: str | None = None
+    corpus_limit: int | None = None
     topic: bool = True  # also the topic part (demo/topic.py)
     topic_config: TopicConfig = TopicConfig()
 

@@ -103,7 +103,8 @@ def run_demo(
         tmodel, ttok, cfg.target_chat, max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size, progress=progress,
     )  # fmt: skip
-    run = run_transfer(source, target, splits["train"], splits["heldout"], rank=cfg.rank)
+    data = dict(alignment_data=cfg.alignment_data, corpus=cfg.corpus, corpus_limit=cfg.corpus_limit)
+    run = run_transfer(source, target, splits["train"], splits["heldout"], rank=cfg.rank, data=data)
     clock.lap("direction + alignment")
     if run.key is None or run.direction is None or run.heldout_stats is None:
         raise RuntimeError("run_transfer returned no key, direction or held-out statistics")

@@ -22,6 +22,7 @@ import torch
 
 from ..alignment import collect_alignment_stats
 from ..artifacts import Alignment, AlignmentStats, Direction, SteeringKey
+from ..artifacts.data import ALIGNMENT_DATA, data_record
 from ..corpus import corpus_hash, generic_corpus
 from ..direction import extract_direction
 from ..evaluation.conditions import Runner
@@ -37,12 +38,11 @@ from ..evaluation.null_keys import (
 from .topic_items import TOPICS, TopicItem, TopicSpec, first_line, prompts, topic_splits
 
 __all__ = [
-    "ALIGNMENT_DATA", "TopicChoice", "TopicCondition", "TopicConfig", "TopicOutput",
-    "TopicResult", "alignment_rows", "mapped_random_keys", "run_topic"
+    "TopicChoice", "TopicCondition", "TopicConfig", "TopicOutput",
+    "TopicResult", "mapped_random_keys", "run_topic"
 ]  # fmt: skip
 
 # The data the alignment map is fitted on (METHOD.md, "What the map can carry").
-ALIGNMENT_DATA = ("locked", "locked+unlocked", "corpus", "locked+corpus")
 
 
 @dataclass(frozen=True)
@@ -237,16 +237,6 @@ class TopicResult:
         }  # fmt: skip
 
 
-def alignment_rows(
-    data: str, locked: Sequence[str], unlocked: Sequence[str], corpus: Sequence[str]
-) -> list[str]:
-    """The texts whose activations fit the map for alignment data ``data``."""
-    parts = {"locked": locked, "unlocked": unlocked, "corpus": corpus}
-    if data not in ALIGNMENT_DATA:
-        raise ValueError(f"alignment data must be one of {ALIGNMENT_DATA}, got {data!r}")
-    return [text for part in data.split("+") for text in parts[part]]
-
-
 def mapped_random_keys(
     alignment: Alignment, like: SteeringKey, num: int, *, seed: int = 0
 ) -> list[SteeringKey]:
@@ -355,8 +345,8 @@ def run_topic(
     texts = {"locked": locked, "unlocked": unlocked, "corpus": corpus}
 
     def stats(data: str) -> AlignmentStats:
-        # Each part is collected once; a choice's statistics are its parts merged, which
-        # equals collecting the concatenated rows (alignment_rows).
+        # Each part is collected once; a choice's statistics are its parts merged (exactly
+        # the concatenated rows), recorded as that choice.
         names = data.split("+")
         for part in names:
             if part not in parts:
@@ -367,6 +357,12 @@ def run_topic(
         merged = copy.deepcopy(parts[names[0]])  # merge() adds in place
         for part in names[1:]:
             merged.merge(parts[part])
+        n = {part: len(texts[part]) if part in names else 0 for part in texts}
+        merged.origin["alignment_data"] = data_record(
+            data, locked=n["locked"], unlocked=n["unlocked"], corpus=n["corpus"],
+            corpus_source=f"generic_corpus({cfg.corpus_size}, seed={cfg.seed}) without "
+            "topic words" if n["corpus"] else None, corpus_hash=result.corpus_hash,
+        )  # fmt: skip
         return merged
 
     own_key = own.as_key()

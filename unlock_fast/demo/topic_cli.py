@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
+from ..artifacts.data import ALIGNMENT_DATA
 from ..cli.common import OneLineParser, run_command
 from ..cli.options import add_runtime, float_list, int_list, nonnegative_int, positive_int
 from ..evaluation.conditions import Runner
 from ..evaluation.report import write_json
 from ..loading import load_model
 from .config import DEFAULTS
-from .topic import ALIGNMENT_DATA, TopicConfig, TopicResult, run_topic
+from .topic import TopicConfig, TopicResult, run_topic
 from .topic_items import TOPICS
 from .topic_report import plot_topic_rates, topic_markdown, write_topic_items
 

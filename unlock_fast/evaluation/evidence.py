@@ -76,10 +76,12 @@ def run_transfer(
     solver: str = "auto",
     oversample: int | None = None,
     n_iter: int | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> TransferRun:
     """Source direction (direct vs CoT prompt) and alignment (direct prompt) in one pass, the
     key, and held-out diagnostics; settings checked before any forward pass. ``accumulate``:
-    the dtype of the sums; ``solver``, ``oversample``, ``n_iter``: the eigensolver."""
+    the dtype of the sums; ``solver``, ``oversample``, ``n_iter``: the eigensolver; ``data``:
+    the fit's rows (``alignment_data``, ``corpus``, ``corpus_limit`` of collect_transfer)."""
     fit: dict[str, Any] = dict(solver=solver, oversample=oversample, n_iter=n_iter)
     check_fit_settings([rank], ridge, **fit)
     if not train:
@@ -91,16 +93,18 @@ def run_transfer(
         batch_size=target.batch_size, progress=target.progress, accumulate=accumulate
     )
     prompts, unlocked = (source.prompts(train), target.prompts(train)), source.prompts(train, "cot")
+    rows: dict[str, Any] = {**(data or {}), "target_prompts_unlocked": target.prompts(train, "cot")}
     if with_direction:
         direction, stats = collect_transfer(
             *models, prompts[0], unlocked, target_prompts=prompts[1], method=method,
-            layer_map=layer_map, **kw,
+            layer_map=layer_map, **{**kw, **rows},
         )  # fmt: skip
     else:
         direction = None
         stats = collect_alignment_stats(
-            *models, prompts[0], target_prompts=prompts[1], layer_map=layer_map, **kw
-        )
+            *models, prompts[0], prompts_unlocked=unlocked, target_prompts=prompts[1],
+            layer_map=layer_map, **{**kw, **rows},
+        )  # fmt: skip
     alignment = stats.fit(rank, centered, ridge, **fit)
     key = None if direction is None else alignment.transfer(direction)
     run = TransferRun(direction, stats, alignment, key)

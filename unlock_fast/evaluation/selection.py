@@ -89,6 +89,7 @@ def grid_search(
     source_chat: bool | str = False,
     seed: int = 0,
     conditions: Sequence[str] = CONDITIONS,
+    data: Mapping[str, Any] | None = None,
 ) -> GridResult:
     """Grid over rank x alpha x N on ``splits["heldout"]``, directions and alignments from
     ``splits["train"]`` (Source model and tokenizer ``source``), scored once on
@@ -117,7 +118,8 @@ def grid_search(
             format_prompts(q, "direct", tokenizer=stok, chat=source_chat),
             format_prompts(q, "cot", tokenizer=stok, chat=source_chat),
             target_prompts=target.prompts(train[done:n]), method=method,
-            batch_size=target.batch_size, progress=target.progress,
+            target_prompts_unlocked=target.prompts(train[done:n], "cot"),
+            batch_size=target.batch_size, progress=target.progress, **(data or {}),
         )  # fmt: skip
         direction = d_new if direction is None else _union(direction, d_new)
         stats = s_new if stats is None else stats.merge(s_new)

@@ -59,6 +59,9 @@ class MomentsCore:
             raise ValueError(f"dim_y must be a positive int or None, got {dim_y!r}")
         self.dim_x, self.dim_y = dim_x, dim_y
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
+            # "cuda" names the current device: keep its index, as the tensors report it
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = check_accumulate(dtype)
         self.row_limit = _check_row_limit(row_limit, dim_x, dim_y)
         self._buffer = RowBuffer(buffer_rows, self.device, self.dtype)
