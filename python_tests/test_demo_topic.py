@@ -123,6 +123,7 @@ def test_splits_refuse_bad_sizes(sizes: dict, match: str) -> None:
         (dict(topic="space"), "topic"),
         (dict(ranks=(0,)), "ranks"),
         (dict(alphas=(0.0,)), "alphas"),
+        (dict(own_alpha=-0.1), "own_alpha"),
         (dict(n_test=0), "n_test"),
         (dict(random_keys=-1), "random_keys"),
         (dict(n_heldout=0, alphas=(0.1, 0.2)), "n_heldout"),
@@ -179,6 +180,9 @@ def test_the_topic_part_runs_end_to_end_on_tiny_models() -> None:
     assert names[:2] == ["unsteered", "own"]
     assert len(names) == 2 + 2 * (1 + 3 + 2) == len(set(names))
     assert result.corpus_rows == 12
+    # several alphas: the own direction's alpha is chosen on held-out items too
+    assert {r["alpha"] for r in result.own_selection} == {0.1, 0.5}
+    assert result.own.alpha in (0.1, 0.5)
     for data, ch in result.choices.items():
         # every candidate of the grid was scored on held-out items: ranks 2, 4, and the
         # rows' ceiling (64 names it: 6 locked rows give k = 6, 18 rows give k = 18)
@@ -237,6 +241,8 @@ def test_topic_cli_writes_its_report(tmp_path: Path) -> None:
     assert list(data["choices"]) == ["corpus", "locked"]
     assert data["choices"]["corpus"]["num_rows"] == 8
     assert data["choices"]["locked"]["selection"] == []  # one candidate: nothing to choose
+    assert data["choices"]["locked"]["alpha"] == 0.3
+    assert data["own"]["alpha"] == 0.1  # own_alpha, not the key's alpha
     items = [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines()]
     assert len(items) == 3 * (2 + 2 * (1 + 2 + 1))
     assert {it["family"] for it in items} == {"unsteered", "own", "key", "random", "null_contrast"}

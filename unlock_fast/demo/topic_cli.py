@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank candidates (default: %(default)s)")  # fmt: skip
     p.add_argument("--alphas", type=float_list, default=list(d.alphas),
                    help="alpha candidates (default: %(default)s)")  # fmt: skip
+    p.add_argument("--own-alpha", type=float, default=d.own_alpha,
+                   help="alpha of the Target's own direction when --alphas holds one value "
+                   "(default: %(default)s)")  # fmt: skip
     add_runtime(p, batch_size=d.batch_size)
     return p
 
@@ -97,7 +100,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = TopicConfig(
         topic=args.topic, n_train=args.n_train, n_heldout=args.n_heldout, n_test=args.n_test,
         alignment_data=tuple(args.alignment_data), corpus_size=args.corpus_size,
-        ranks=tuple(args.ranks), alphas=tuple(args.alphas), select_random=args.select_random,
+        ranks=tuple(args.ranks), alphas=tuple(args.alphas), own_alpha=args.own_alpha,
+        select_random=args.select_random,
         random_keys=args.random_keys, null_contrasts=args.null_contrasts,
         num_random=args.num_random, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed,
