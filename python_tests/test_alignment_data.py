@@ -127,7 +127,36 @@ def test_collect_transfer_fits_the_named_rows(choice, models):
     torch.testing.assert_close(direction.vectors, alone.vectors, rtol=1e-5, atol=1e-6)
 
 
-def test_locked_plus_unlocked_needs_a_prompt_contrast(models):
+# Refused settings of collect_alignment_stats: (keyword arguments, error, message).
+REFUSALS = {
+    "unlocked missing": (dict(alignment_data="locked+unlocked"), ValueError,
+                         "needs the unlocked prompts"),
+    "unlocked unpaired": (dict(alignment_data="locked+unlocked", prompts_unlocked=UNLOCKED[:2]),
+                          ValueError, "must pair"),
+    "corpus missing": (dict(alignment_data="corpus"), ValueError, "needs a corpus"),
+    "corpus with locked": (dict(corpus=CORPUS), ValueError, "does not use one"),
+    "corpus with locked+unlocked": (
+        dict(alignment_data="locked+unlocked", prompts_unlocked=UNLOCKED, corpus=CORPUS),
+        ValueError, "does not use one",
+    ),
+    "limit without corpus": (dict(corpus_limit=3), ValueError, "without a corpus"),
+    "unknown choice": (dict(alignment_data="unlocked"), ValueError,
+                       "must be one of locked, locked\\+unlocked"),
+    "corpus of wrong type": (dict(alignment_data="corpus", corpus=3), TypeError,
+                             "corpus must be"),
+    "corpus item not str": (dict(alignment_data="corpus", corpus=["a b", 2]), TypeError,
+                            "corpus item 1"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refused_settings(models, case):
+    kwargs, error, match = REFUSALS[case]
+    with pytest.raises(error, match=match):
+        collect_alignment_stats(*models, LOCKED, progress=False, **kwargs)
+
+
+def test_refusals_through_transfer_and_for_a_missing_file(models, tmp_path):
     src, stok, tgt, ttok = models
     other = make_model("llama", len(stok), seed=5)
     with pytest.raises(ValueError, match="model contrast"):
@@ -135,54 +164,16 @@ def test_locked_plus_unlocked_needs_a_prompt_contrast(models):
             src, stok, tgt, ttok, LOCKED, unlocked_model=other,
             alignment_data="locked+unlocked", progress=False,
         )  # fmt: skip
-    with pytest.raises(ValueError, match="needs the unlocked prompts"):
-        collect_alignment_stats(*models, LOCKED, alignment_data="locked+unlocked", progress=False)
-    with pytest.raises(ValueError, match="must pair"):
-        collect_alignment_stats(
-            *models, LOCKED, prompts_unlocked=UNLOCKED[:2], alignment_data="locked+unlocked",
-            progress=False,
-        )  # fmt: skip
-    # a model contrast with the paper's rows is fine
-    _, stats = collect_transfer(src, stok, tgt, ttok, LOCKED, unlocked_model=other, progress=False)
-    assert stats.origin["alignment_data"]["choice"] == "locked"
-
-
-def test_corpus_given_or_missing_is_an_error(models, tmp_path):
-    with pytest.raises(ValueError, match="needs a corpus"):
-        collect_alignment_stats(*models, LOCKED, alignment_data="corpus", progress=False)
     with pytest.raises(ValueError, match="needs a corpus"):
         collect_transfer(*models, LOCKED, UNLOCKED, alignment_data="locked+corpus", progress=False)
-    for choice in ("locked", "locked+unlocked"):
-        with pytest.raises(ValueError, match="does not use one"):
-            collect_alignment_stats(
-                *models, LOCKED, prompts_unlocked=UNLOCKED, alignment_data=choice,
-                corpus=CORPUS, progress=False,
-            )  # fmt: skip
-    with pytest.raises(ValueError, match="without a corpus"):
-        collect_alignment_stats(*models, LOCKED, corpus_limit=3, progress=False)
-    with pytest.raises(ValueError, match="must be one of locked, locked\\+unlocked"):
-        collect_alignment_stats(*models, LOCKED, alignment_data="unlocked", progress=False)
     with pytest.raises(FileNotFoundError, match="no corpus file"):
         collect_alignment_stats(
             *models, LOCKED, alignment_data="corpus", corpus=tmp_path / "none.txt",
             progress=False,
         )  # fmt: skip
-    with pytest.raises(TypeError, match="corpus must be"):
-        collect_alignment_stats(
-            *models,
-            LOCKED,
-            alignment_data="corpus",
-            corpus=3,
-            progress=False,  # type: ignore[arg-type]
-        )
-    with pytest.raises(TypeError, match="corpus item 1"):
-        collect_alignment_stats(
-            *models,
-            LOCKED,
-            alignment_data="corpus",
-            corpus=["a b", 2],
-            progress=False,  # type: ignore[list-item]
-        )
+    # a model contrast with the paper's rows is fine
+    _, stats = collect_transfer(src, stok, tgt, ttok, LOCKED, unlocked_model=other, progress=False)
+    assert stats.origin["alignment_data"]["choice"] == "locked"
 
 
 def test_corpus_from_a_file_and_generic(models, tmp_path):
