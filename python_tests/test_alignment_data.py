@@ -16,6 +16,7 @@ import unlock_fast.alignment_data as alignment_data
 from unlock_fast import (
     Alignment,
     AlignmentStats,
+    Direction,
     SteeringKey,
     collect_alignment_stats,
     collect_transfer,
@@ -140,6 +141,9 @@ REFUSALS = {
         ValueError, "does not use one",
     ),
     "limit without corpus": (dict(corpus_limit=3), ValueError, "without a corpus"),
+    "no prompts for locked": (dict(prompts=[]), ValueError, "non-empty"),
+    "no prompts for locked+corpus": (dict(prompts=[], alignment_data="locked+corpus",
+                                          corpus=CORPUS), ValueError, "non-empty"),
     "unknown choice": (dict(alignment_data="unlocked"), ValueError,
                        "must be one of locked, locked\\+unlocked"),
     "corpus of wrong type": (dict(alignment_data="corpus", corpus=3), TypeError,
@@ -152,8 +156,22 @@ REFUSALS = {
 @pytest.mark.parametrize("case", REFUSALS)
 def test_refused_settings(models, case):
     kwargs, error, match = REFUSALS[case]
+    kwargs = {"prompts": LOCKED, **kwargs}
     with pytest.raises(error, match=match):
-        collect_alignment_stats(*models, LOCKED, progress=False, **kwargs)
+        collect_alignment_stats(*models, progress=False, **kwargs)
+
+
+def test_a_corpus_fit_needs_no_prompts(models):
+    # fitted once per model pair, for any direction: the prompts are not run
+    alone = collect_alignment_stats(*models, [], alignment_data="corpus", corpus=CORPUS,
+                                    progress=False)  # fmt: skip
+    with_prompts = collect_alignment_stats(
+        *models, LOCKED, alignment_data="corpus", corpus=CORPUS, progress=False
+    )
+    assert alone.num_rows == len(CORPUS)
+    assert alone.origin == with_prompts.origin
+    for a, b in zip(alone.moments, with_prompts.moments, strict=True):
+        torch.testing.assert_close(a.gram("xy"), b.gram("xy"), rtol=0, atol=0)
 
 
 def test_refusals_through_transfer_and_for_a_missing_file(models, tmp_path):
@@ -378,3 +396,34 @@ def test_cli_demo_passes_the_alignment_data(monkeypatch, capsys):
     code, err = cli(["demo", "--alignment-data", "corpus"], capsys)
     assert code == 2
     assert "needs --corpus" in err
+
+
+def test_cli_map_reuses_one_corpus_alignment_for_saved_directions(saved, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt", CORPUS)
+    pair, direction, out = tmp_path / "pair", tmp_path / "cot", tmp_path / "key"
+    code, err = cli(
+        ["align", "-s", saved["src"], "-t", saved["tgt"], "-o", str(pair), "-n", "3",
+         "--n-heldout", "2", "--rank", "2", "--alignment-data", "corpus", "--corpus",
+         str(corpus)],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    code, err = cli(["extract", "-m", saved["src"], "-o", str(direction), "-n", "4"], capsys)
+    assert code == 0, err
+    assert main(["map", "-d", str(direction), "-a", str(pair), "-o", str(out)]) == 0
+    key = SteeringKey.from_pretrained(out)
+    want = Alignment.from_pretrained(pair).transfer(Direction.from_pretrained(direction))
+    torch.testing.assert_close(key.vectors, want.vectors, rtol=0, atol=0)
+    assert key.origin["alignment_data"]["corpus"] == len(CORPUS)
+    # a direction of the Target, or an artifact of another kind, is refused in one line
+    code, err = cli(["extract", "-m", saved["tgt"], "-o", str(tmp_path / "tcot"), "-n", "4"],
+                    capsys)  # fmt: skip
+    assert code == 0, err
+    for argv, message in [
+        (["-d", str(tmp_path / "tcot"), "-a", str(pair)], "this alignment's Source is"),
+        (["-d", str(pair), "-a", str(pair)], "holds a saved Alignment, not a direction"),
+        (["-d", str(direction), "-a", str(direction)], "holds a saved Direction, not an alignment"),
+    ]:
+        assert main(["map", *argv, "-o", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -174,9 +174,13 @@ def plan_alignment(
     token_level: bool = False,
     source_layer_path: str | None = None,
     target_layer_path: str | None = None,
+    empty_prompts: bool = False,
 ) -> AlignmentPlan:
-    """Check the arguments of :func:`collect_alignment_stats` before any forward pass."""
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+    """Check the arguments of :func:`collect_alignment_stats` before any forward pass;
+    ``prompts`` may be empty only with ``empty_prompts=True`` (a corpus-only fit)."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise ValueError("prompts must be a list of str")
+    if not prompts and not empty_prompts:
         raise ValueError("prompts must be a non-empty list of str")
     tprompts = list(prompts) if target_prompts is None else list(target_prompts)
     if len(tprompts) != len(prompts):
@@ -255,8 +259,9 @@ def collect_alignment_stats(
       a ceiling and a diagnostic, not the paper's transfer, where the Target never sees
       the unlocked form.
     - ``"corpus"``: the texts of ``corpus``, the same text for both models (``prompts`` are
-      checked, not run). ``corpus`` is a list of str, the path of a text or JSONL
-      file (:func:`~unlock_fast.corpus.read_corpus`) or ``"generic"``
+      not run and may be empty: a map fitted once per model pair, for any direction).
+      ``corpus`` is a list of str, the path of a text or JSONL file
+      (:func:`~unlock_fast.corpus.read_corpus`) or ``"generic"``
       (:func:`~unlock_fast.corpus.generic_corpus`); ``corpus_limit`` caps its texts. It is
       streamed ``CHUNK`` texts at a time.
     - ``"locked+corpus"``: ``prompts``, then the corpus.
@@ -290,6 +295,7 @@ def collect_alignment_stats(
         token_level=token_level,
         source_layer_path=source_layer_path,
         target_layer_path=target_layer_path,
+        empty_prompts=alignment_data == "corpus",
     )
     data = plan_data(
         alignment_data,

@@ -163,9 +163,12 @@ def plan_data(
         )
     if corpus is None and corpus_limit is not None:
         raise ValueError("corpus_limit was given without a corpus")
+    source = None if corpus is None else resolve_corpus(corpus, corpus_limit)
+    if choice == "corpus":  # the prompts are not run
+        return AlignmentData(choice, [], [], 0, 0, source)
     locked = check_prompts("prompts", prompts)
     tlocked = locked if target_prompts is None else check_prompts("target_prompts", target_prompts)
-    src, tgt, n_unlocked = ([], [], 0) if choice == "corpus" else (locked, tlocked, 0)
+    src, tgt, n_unlocked = locked, tlocked, 0
     if choice == "locked+unlocked":
         if model_contrast:
             raise ValueError(
@@ -186,6 +189,4 @@ def plan_data(
                 f"locked, {len(unlocked)} unlocked and {len(tunlocked)} for the Target"
             )
         src, tgt, n_unlocked = locked + unlocked, tlocked + tunlocked, len(unlocked)
-    source = None if corpus is None else resolve_corpus(corpus, corpus_limit)
-    n_locked = 0 if choice == "corpus" else len(locked)
-    return AlignmentData(choice, src, tgt, n_locked, n_unlocked, source)
+    return AlignmentData(choice, src, tgt, len(locked), n_unlocked, source)

@@ -2,6 +2,7 @@
 
     unlock-fast demo                      # the whole pipeline offline on two shipped models
     unlock-fast transfer -s SRC -t TGT -o keys/
+    unlock-fast map --direction dirs/cot --alignment pair/ -o keys/cot   # reuse an alignment
     unlock-fast generate -m TGT --key keys/key --prompt "..."
     unlock-fast evaluate -t TGT --key keys/key --dataset builtin
     unlock-fast lm-eval --model-args pretrained=TGT,key=keys/key --tasks gsm8k
@@ -28,6 +29,7 @@ from . import (
     extract,
     generate,
     lm_eval,
+    mapping,
     serve,
     transfer,
 )
@@ -37,7 +39,19 @@ from .options import EPILOG_MODELS
 __all__ = ["UsageError", "build_parser", "main"]
 
 # In the order of ``unlock-fast --help``.
-_COMMANDS = (demo, extract, align, transfer, generate, evaluate, lm_eval, export, serve, corpus)
+_COMMANDS = (
+    demo,
+    extract,
+    align,
+    transfer,
+    mapping,
+    generate,
+    evaluate,
+    lm_eval,
+    export,
+    serve,
+    corpus,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
