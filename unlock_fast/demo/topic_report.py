@@ -196,7 +196,7 @@ def plot_topic_rates(result: TopicResult, path: str | os.PathLike[str]) -> Path:
     title = f"{result.source} → {result.target}: on-topic rate ({result.config.spec.name})"
     ax.set(ylabel="continuations on topic (%), 95% CI", title=title)
     ax.title.set_fontsize(9)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # outside the axes: it would hide dots
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3, axis="y")
     return save_figure(fig, path)
